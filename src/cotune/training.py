@@ -1,0 +1,230 @@
+"""The training stage: LoRA SFT through trl's SFTTrainer, with per-step metrics, held-out loss at the start and
+the end, checkpoints that a rerun with the same settings resumes from, and an adapter written atomically."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+from .errors import UserError, warn
+from .files import atomic_path, sha256_file, write_json_atomic, write_run_record
+from .settings import Settings
+
+FINGERPRINT_GROUPS = ("model", "data", "lora", "train")
+
+
+def training_fingerprint(settings: Settings) -> dict:
+    data = settings.stage_dir("data")
+    return {"settings": settings.fingerprint(*FINGERPRINT_GROUPS),
+            "train_sha256": sha256_file(data / "train.jsonl"), "eval_sha256": sha256_file(data / "eval.jsonl")}
+
+
+def describe_difference(old: dict, new: dict) -> str:
+    changes = [f"{k.upper()} {old['settings'].get(k)!r} -> {v!r}" for k, v in new["settings"].items()
+               if old["settings"].get(k) != v]
+    if old.get("train_sha256") != new["train_sha256"] or old.get("eval_sha256") != new["eval_sha256"]:
+        changes.append("the data stage's output changed")
+    return "; ".join(changes) or "unknown difference"
+
+
+def check_previous_run(settings: Settings, fingerprint: dict) -> Path | None:
+    """The checkpoint to resume from, None for a fresh start; refuses to mix runs made with other settings."""
+    out = settings.stage_dir("train")
+    checkpoints = out / "checkpoints"
+    for label, recorded in (("a finished run", out / "fingerprint.json"),
+                            ("checkpoints", checkpoints / "fingerprint.json")):
+        if not recorded.is_file():
+            continue
+        old = json.loads(recorded.read_text())
+        if old == fingerprint:
+            continue
+        if settings.overwrite:
+            warn(f"OVERWRITE=true: replacing {label} in {out} made with other settings ({describe_difference(old, fingerprint)})")
+            shutil.rmtree(checkpoints, ignore_errors=True)
+            for name in ("fingerprint.json", "run.json"):
+                (out / name).unlink(missing_ok=True)
+            return None
+        raise UserError(f"{out} holds {label} made with other settings ({describe_difference(old, fingerprint)}); "
+                        "use another RUN_DIR, restore the settings, or set OVERWRITE=true to replace it")
+    if not checkpoints.is_dir():
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(checkpoints))
+    return Path(last) if last else None
+
+
+def check_disk_for_checkpoints(settings: Settings, trainable_params: int) -> None:
+    # Each checkpoint holds the adapter (fp32) and AdamW's two moments; two are kept, plus the final adapter.
+    need = trainable_params * 4 * 3 * 3 + (200 << 20)
+    free = shutil.disk_usage(settings.run_path).free
+    if free < need:
+        raise UserError(f"{settings.run_path}: {free / 2**20:.0f} MiB free, checkpoints need about "
+                        f"{need / 2**20:.0f} MiB; free some disk or point RUN_DIR elsewhere")
+
+
+class MetricsLog:
+    """One JSON line per logging step (loss, learning rate, grad norm, tokens/s) plus the held-out evaluations."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        kept = []
+        if resume_step and path.is_file():  # a killed run may have logged past its last checkpoint
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        elif path.is_file():
+            path.unlink()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(line + "\n" for line in kept))
+        self.entries = [json.loads(line) for line in kept]
+        self._last = (time.monotonic(), None)
+
+    def write(self, entry: dict) -> None:
+        self.entries.append(entry)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
+    def on_log(self, step: int, logs: dict) -> None:
+        if "loss" not in logs:
+            return
+        now, tokens = time.monotonic(), logs.get("num_tokens")
+        last_time, last_tokens = self._last
+        rate = None
+        if tokens is not None and last_tokens is not None and now > last_time:
+            rate = round((tokens - last_tokens) / (now - last_time), 1)
+        self._last = (now, tokens)
+        self.write({"step": step, "loss": logs["loss"], "learning_rate": logs.get("learning_rate"),
+                    "grad_norm": logs.get("grad_norm"), "tokens_per_s": rate, "num_tokens": tokens,
+                    "mean_token_accuracy": logs.get("mean_token_accuracy")})
+
+    def eval_losses(self) -> dict:
+        return {e["eval"]: e["eval_loss"] for e in self.entries if "eval" in e}
+
+
+def plot_loss_curve(entries: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [e["step"] for e in entries if "loss" in e]
+    losses = [e["loss"] for e in entries if "loss" in e]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, losses, marker=".", label="training loss")
+    evals = [(e["step"], e["eval_loss"]) for e in entries if "eval_loss" in e]
+    if evals:
+        ax.plot(*zip(*evals), marker="o", linestyle="--", label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def assert_eos_is_learned(trainer, tokenizer) -> None:
+    """The model only learns to stop if the final EOS keeps its label, even where pad == EOS."""
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    last = int(batch["attention_mask"][0].nonzero().max())
+    if batch["labels"][0].ne(-100).sum() == 0:
+        raise RuntimeError("the collator masks every label; nothing would be learned")
+    if int(batch["input_ids"][0, last]) != tokenizer.eos_token_id or int(batch["labels"][0, last]) == -100:
+        raise RuntimeError("the collator masks the final EOS out of the labels; the model would never learn to stop")
+
+
+def training_dataset(rows: list[dict], settings: Settings):
+    """Whole texts (the reference recipe), or prompt/completion pairs when only the answer is learned."""
+    from datasets import Dataset
+
+    if settings.completion_only_loss:
+        return Dataset.from_list([{"prompt": r["prompt"], "completion": r["text"][len(r["prompt"]):]} for r in rows])
+    return Dataset.from_list([{"text": r["text"]} for r in rows])
+
+
+def run_train_stage(settings: Settings) -> dict:
+    from .backends import choose_backend, gradient_checkpointing_value, load_for_training
+    from .data import read_jsonl
+    from .models import resolve_model_path
+
+    out = settings.stage_dir("train")
+    data = settings.stage_dir("data")
+    train_rows, eval_rows = read_jsonl(data / "train.jsonl"), read_jsonl(data / "eval.jsonl")
+    fingerprint = training_fingerprint(settings)
+    if (out / "run.json").is_file() and (out / "fingerprint.json").is_file() and \
+            json.loads((out / "fingerprint.json").read_text()) == fingerprint:
+        print(f"{out}: already trained with these settings and data; nothing to do")
+        return json.loads((out / "run.json").read_text())
+    resume_from = check_previous_run(settings, fingerprint)
+
+    backend = choose_backend(settings)
+    model_path = resolve_model_path(settings.base_model)
+    model, tokenizer = load_for_training(settings, backend, model_path)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    check_disk_for_checkpoints(settings, trainable)
+
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    checkpoints = out / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(checkpoints / "fingerprint.json", fingerprint)
+    metrics = MetricsLog(out / "metrics.jsonl", int(resume_from.name.split("-")[-1]) if resume_from else 0)
+    checkpointing = gradient_checkpointing_value(settings, backend)
+    config = SFTConfig(
+        output_dir=str(checkpoints), max_length=settings.max_seq_length, dataset_text_field="text", packing=False,
+        per_device_train_batch_size=settings.batch_size, per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum, warmup_steps=settings.warmup_steps,
+        max_steps=settings.max_steps, learning_rate=settings.learning_rate, optim=backend.optim,
+        weight_decay=settings.weight_decay, lr_scheduler_type=settings.lr_scheduler, seed=settings.seed,
+        logging_steps=settings.logging_steps, save_strategy="steps", save_steps=settings.save_steps,
+        save_total_limit=2, eval_strategy="no", report_to="none", bf16=backend.dtype == "bf16",
+        fp16=backend.dtype == "fp16", use_cpu=backend.device == "cpu",
+        gradient_checkpointing=backend.name == "hf" and checkpointing is True,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, dataset_num_proc=1,
+        completion_only_loss=settings.completion_only_loss)
+
+    class _Log(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            metrics.on_log(state.global_step, logs or {})
+
+    trainer = SFTTrainer(model=model, args=config, train_dataset=training_dataset(train_rows, settings),
+                         eval_dataset=training_dataset(eval_rows, settings), processing_class=tokenizer,
+                         callbacks=[_Log()])
+    assert_eos_is_learned(trainer, tokenizer)
+
+    if "start" not in metrics.eval_losses():
+        metrics.write({"eval": "start", "step": 0, "eval_loss": trainer.evaluate()["eval_loss"]})
+    if resume_from:
+        print(f"resuming from {resume_from} (step {resume_from.name.split('-')[-1]} of {settings.max_steps})")
+    started = time.monotonic()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_seconds = time.monotonic() - started
+    metrics.write({"eval": "end", "step": trainer.state.global_step, "eval_loss": trainer.evaluate()["eval_loss"]})
+
+    with atomic_path(out / "adapter") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    trainer.state.save_to_json(str(out / "trainer_state.json"))
+    plot_loss_curve(metrics.entries, out / "loss.png")
+    evals = metrics.eval_losses()
+    losses = [e["loss"] for e in metrics.entries if "loss" in e]
+    rates = [e["tokens_per_s"] for e in metrics.entries if e.get("tokens_per_s")]
+    summary = {
+        "backend": backend.name, "device": backend.device, "dtype": backend.dtype, "load_in_4bit": backend.load_in_4bit,
+        "optim": backend.optim, "global_step": trainer.state.global_step, "trainable_params": trainable,
+        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+        "eval_loss_start": evals.get("start"), "eval_loss_end": evals.get("end"),
+        "perplexity_start": math.exp(evals["start"]) if "start" in evals else None,
+        "perplexity_end": math.exp(evals["end"]) if "end" in evals else None,
+        "median_tokens_per_s": sorted(rates)[len(rates) // 2] if rates else None,
+        "train_seconds_this_process": round(train_seconds, 1), "resumed_from": str(resume_from) if resume_from else None,
+    }
+    write_json_atomic(out / "fingerprint.json", fingerprint)
+    return write_run_record(out, settings.public_dict(),
+                            {"train": data / "train.jsonl", "eval": data / "eval.jsonl", "base_model": model_path},
+                            {"adapter": out / "adapter", "metrics": out / "metrics.jsonl", "loss_curve": out / "loss.png"},
+                            extra={"summary": summary})
