@@ -11,7 +11,7 @@ from cotune.errors import run_main
 
 
 def main(argv=None):
-    parser = stage_parser(__doc__, ("model", "ask", "data"))
+    parser = stage_parser(__doc__)
     parser.add_argument("which", choices=("baseline", "after"), help="base model, or base + trained adapter")
     args, settings = parse_settings(parser, argv)
     timer = StageTimer(args.which)

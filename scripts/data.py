@@ -10,7 +10,7 @@ from cotune.errors import run_main
 
 
 def main(argv=None):
-    _, settings = parse_settings(stage_parser(__doc__, ("data", "model")), argv)
+    _, settings = parse_settings(stage_parser(__doc__), argv)
     timer = StageTimer("data")
     from cotune.data import run_data_stage
 

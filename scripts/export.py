@@ -9,7 +9,7 @@ from cotune.errors import run_main
 
 
 def main(argv=None):
-    _, settings = parse_settings(stage_parser(__doc__, ("model", "data", "export")), argv)
+    _, settings = parse_settings(stage_parser(__doc__), argv)
     timer = StageTimer("export")
     from cotune.export import run_export_stage
 

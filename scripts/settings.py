@@ -15,7 +15,7 @@ from pathlib import Path
 from cotune.errors import run_main
 
 STAGE_GROUPS = {
-    "data": ("data", "model"),
+    "data": ("data", "model", "train"),  # train: SEED picks the carved held-out rows
     "baseline": ("data", "model", "ask"),
     "train": ("data", "model", "lora", "train"),
     "after": ("data", "model", "lora", "train", "ask"),

@@ -9,7 +9,7 @@ from cotune.errors import run_main
 
 
 def main(argv=None):
-    _, settings = parse_settings(stage_parser(__doc__, ("model", "data", "lora", "train")), argv)
+    _, settings = parse_settings(stage_parser(__doc__), argv)
     timer = StageTimer("train")
     from cotune.training import run_train_stage
 

@@ -13,7 +13,7 @@ from cotune.errors import run_main
 
 
 def main(argv=None):
-    parser = stage_parser(__doc__, ("data", "ask", "export"))
+    parser = stage_parser(__doc__)
     parser.add_argument("--gguf", type=Path, default=None, help="GGUF file to verify [default: the export's Q8_0]")
     args, settings = parse_settings(parser, argv)
     timer = StageTimer("verify")

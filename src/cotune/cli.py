@@ -13,11 +13,11 @@ from .errors import UserError
 from .settings import Settings, add_setting_flags, from_args
 
 
-def stage_parser(doc: str, groups: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+def stage_parser(doc: str) -> argparse.ArgumentParser:
     summary, _, details = (doc or "").strip().partition("\n")
     parser = argparse.ArgumentParser(description=summary, epilog=details.strip() or None,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_setting_flags(parser, groups)
+    add_setting_flags(parser)
     return parser
 
 

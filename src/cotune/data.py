@@ -89,8 +89,8 @@ def apply_split(rows: list[dict], expression: str, setting: str) -> list[dict]:
     if name != "train":
         raise UserError(f"{setting}={expression!r}: a local file has one split, 'train'")
 
-    def bound(value: str, pct: str) -> int | None:
-        if value == "":
+    def bound(value: str | None, pct: str | None) -> int | None:
+        if not value:
             return None
         return round(len(rows) * int(value) / 100) if pct else int(value)
 

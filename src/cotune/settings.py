@@ -313,11 +313,11 @@ def resolve(cli: dict[str, Any] | None = None, *, environ: dict[str, str] | None
     return Settings(**values)
 
 
-def add_setting_flags(parser: argparse.ArgumentParser, groups: tuple[str, ...] | None = None) -> None:
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     """`--max-steps` style flags for every non-secret setting (secrets come from the environment or .env only)."""
     group = parser.add_argument_group("settings (also from .env / environment as UPPER_CASE names)")
     for name, f in FIELDS.items():
-        if f.metadata["secret"] or (groups is not None and f.metadata["group"] not in groups + ("run",)):
+        if f.metadata["secret"]:
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         shown = ",".join(default) if isinstance(default, list) else default
