@@ -10,6 +10,8 @@ PYTHON ?= $(VENV)/bin/python
 RUN_IN ?=
 GGUF ?=
 HF_HOME ?=
+ENV_FILE ?= .env
+export COTUNE_ENV_FILE := $(ENV_FILE)
 DRY_RUN ?=
 PYTEST_ARGS ?=
 IMAGE ?= cotune:$(VERSION)
@@ -40,7 +42,7 @@ endif
 # Secrets travel by name only (-e NAME, --env-file): never as a value on a command line.
 DOCKER_RUN = docker run --rm --gpus all --ipc=host --user "$$(id -u):$$(id -g)" \
 	-v "$(abspath $(RUN))":/work/run -v "$(HF_CACHE)":/hf-cache -e HF_HOME=/hf-cache \
-	$(if $(wildcard .env),--env-file .env) \
+	$(if $(wildcard $(ENV_FILE)),--env-file "$(ENV_FILE)") \
 	$(foreach n,$(filter-out RUN_DIR,$(SETTING_NAMES)) HF_HUB_OFFLINE COTUNE_MAKE_VARS,-e $(n)) \
 	-e RUN_DIR=/work/run $(IMAGE) python /opt/cotune/scripts/
 HOST_RUN = $(PYTHON) scripts/

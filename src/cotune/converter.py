@@ -3,6 +3,7 @@ version (never committed, never cloned or built at export time). `python -m cotu
 setup; export only looks it up."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tarfile
@@ -29,7 +30,9 @@ def converter_dir(version: str | None = None) -> Path:
 
 
 def converter_script() -> Path:
-    script = converter_dir() / "convert_hf_to_gguf.py"
+    # COTUNE_CONVERTER: a converter folder fetched elsewhere, for hosts whose llama-cpp-python is built apart
+    override = os.environ.get("COTUNE_CONVERTER")
+    script = Path(override) / "convert_hf_to_gguf.py" if override else converter_dir() / "convert_hf_to_gguf.py"
     if not script.is_file():
         raise UserError(f"llama.cpp's converter is missing ({script}); run `make setup` (it fetches the converter "
                         f"of llama-cpp-python {llama_cpp_version()} once, with network)")

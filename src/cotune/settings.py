@@ -18,7 +18,7 @@ EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 SAMPLE_DATASET = "cotune:sample"
 REFERENCE_QUESTION = "1992年闰四月初九巳时生人,女,想了解健康运势"
 # Variables the Makefile itself understands; allowed on `make` command lines beside the settings.
-MAKE_VARIABLES = {"RUN_IN", "GGUF", "DRY_RUN", "PYTHON", "IMAGE", "CUDA_ARCHITECTURES", "PYTEST_ARGS", "VENV"}
+MAKE_VARIABLES = {"RUN_IN", "GGUF", "DRY_RUN", "PYTHON", "IMAGE", "CUDA_ARCHITECTURES", "PYTEST_ARGS", "VENV", "ENV_FILE", "HF_HOME", "HF_CACHE"}
 
 
 def _setting(default: Any, help: str, group: str, *, choices: tuple | None = None,

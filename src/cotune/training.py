@@ -48,12 +48,20 @@ def check_previous_run(settings: Settings, fingerprint: dict) -> Path | None:
             return None
         raise UserError(f"{out} holds {label} made with other settings ({describe_difference(old, fingerprint)}); "
                         "use another RUN_DIR, restore the settings, or set OVERWRITE=true to replace it")
+    return last_complete_checkpoint(checkpoints)
+
+
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest checkpoint that was written whole: a kill while saving leaves one without its trainer state."""
     if not checkpoints.is_dir():
         return None
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(str(checkpoints))
-    return Path(last) if last else None
+    found = sorted((p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for candidate in found:
+        if (candidate / "trainer_state.json").is_file() and any(candidate.glob("adapter_model.*")):
+            return candidate
+        warn(f"{candidate} is incomplete (killed while saving?); skipping it")
+    return None
 
 
 def check_disk_for_checkpoints(settings: Settings, trainable_params: int) -> None:
@@ -129,7 +137,10 @@ def plot_loss_curve(entries: list[dict], path: Path) -> None:
 def assert_eos_is_learned(trainer, tokenizer) -> None:
     """The model only learns to stop if the final EOS keeps its label, even where pad == EOS."""
     batch = trainer.data_collator([trainer.train_dataset[0]])
-    last = int(batch["attention_mask"][0].nonzero().max())
+    if "attention_mask" in batch:
+        last = int(batch["attention_mask"][0].nonzero().max())
+    else:  # padding-free batches (Unsloth turns them on): one row, no padding, the example ends the row
+        last = batch["input_ids"].shape[1] - 1
     if batch["labels"][0].ne(-100).sum() == 0:
         raise RuntimeError("the collator masks every label; nothing would be learned")
     if int(batch["input_ids"][0, last]) != tokenizer.eos_token_id or int(batch["labels"][0, last]) == -100:

@@ -1,0 +1,49 @@
+"""Build a model of a given architecture with random weights, for hosts that can't download one (throughput and
+memory don't depend on weight values; nothing it says is a quality figure). `python -m cotune.randmodel --help`."""
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+SHAPES = {
+    # name: (hidden, layers, heads, kv_heads, intermediate)
+    "qwen3-tiny": (1024, 8, 16, 8, 3072),
+    "qwen3-8b": (4096, 36, 32, 8, 12288),
+}
+
+
+def build(shape: str, tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    hidden, layers, heads, kv_heads, intermediate = SHAPES[shape]
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=intermediate,
+                         head_dim=128, max_position_embeddings=32768, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, dtype="bfloat16")
+    torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, out / f.name)
+    print(f"{shape}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M random weights -> {out}")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-tiny")
+    parser.add_argument("--tokenizer", type=Path, required=True, help="folder with a tokenizer llama.cpp knows")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    build(args.shape, args.tokenizer, args.out)
+
+
+if __name__ == "__main__":
+    main()

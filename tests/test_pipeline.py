@@ -1,0 +1,190 @@
+"""The whole chain on the embedded model and the sample data, through the real scripts, as `make demo` runs it:
+data -> baseline -> train (killed mid-way, then resumed) -> after -> export (Q8_0 + Q4_K_M) -> verify."""
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import SCRIPTS, assert_user_error, run_script, script_env
+
+pytestmark = pytest.mark.slow
+DEMO = ("--preset", "demo")
+
+
+def gguf_metadata(path: Path) -> dict:
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    out = {}
+    for key in ("general.architecture", "general.file_type", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template"):
+        f = fields.get(key)
+        if f is not None:
+            value = f.parts[f.data[0]]
+            out[key] = bytes(value).decode() if value.dtype.kind == "u" and value.dtype.itemsize == 1 else int(value[0])
+    return out
+
+
+def train_killed_then_resumed(run: Path, env: dict) -> tuple[str, int]:
+    """Start training, SIGKILL it after the step-8 checkpoint is safely on disk, then rerun it."""
+    args = [sys.executable, str(SCRIPTS / "train.py"), *DEMO, "--run-dir", str(run)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    metrics = run / "train" / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    killed_at = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        steps = [json.loads(l).get("step", 0) for l in metrics.read_text().splitlines()] if metrics.is_file() else []
+        if steps and max(steps) >= 10:
+            proc.send_signal(signal.SIGKILL)
+            killed_at = max(steps)
+            break
+        time.sleep(0.5)
+    proc.wait()
+    assert killed_at is not None, "training ended before it could be killed"
+    assert not (run / "train" / "adapter").exists() and not (run / "train" / "run.json").exists()
+    resumed = run_script("train", *DEMO, "--run-dir", str(run), env=env, check=True)
+    return resumed.stdout + resumed.stderr, killed_at
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("demo") / "run"
+    env = script_env(run.parent)
+    out = {"run": run, "env": env}
+    for stage in (("data",), ("ask", "baseline")):
+        run_script(stage[0], *stage[1:], *DEMO, "--run-dir", str(run), env=env, check=True)
+    out["train_log"], out["killed_at"] = train_killed_then_resumed(run, env)
+    run_script("ask", "after", *DEMO, "--run-dir", str(run), env=env, check=True)
+    run_script("export", *DEMO, "--run-dir", str(run), "--gguf-quants", "Q8_0,Q4_K_M", env=env, check=True)
+    out["verify"] = run_script("verify", *DEMO, "--run-dir", str(run), env=env)
+    return out
+
+
+def test_training_resumed_from_its_last_checkpoint_and_reached_max_steps(demo_run):
+    run = demo_run["run"]
+    assert "resuming from" in demo_run["train_log"] and "checkpoint-8" in demo_run["train_log"]
+    state = json.loads((run / "train" / "trainer_state.json").read_text())
+    assert state["global_step"] == 24
+    steps = [json.loads(l)["step"] for l in (run / "train" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(l)]
+    assert steps == list(range(1, 25)), "each step logged once, none lost or doubled by the kill"
+
+
+def test_training_and_held_out_loss_fall(demo_run):
+    summary = json.loads((demo_run["run"] / "train" / "run.json").read_text())["summary"]
+    assert summary["last_loss"] < 0.5 * summary["first_loss"]
+    assert summary["eval_loss_end"] < 0.5 * summary["eval_loss_start"]
+    assert summary["backend"] == "hf" and summary["device"] == "cpu"
+    assert (demo_run["run"] / "train" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (demo_run["run"] / "train" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_after_answer_differs_and_ends_on_eos(demo_run):
+    before = json.loads((demo_run["run"] / "baseline" / "answers.json").read_text())["answers"][0]
+    after = json.loads((demo_run["run"] / "after" / "answers.json").read_text())["answers"][0]
+    assert before["prompt"] == after["prompt"]
+    assert after["answer"] != before["answer"]
+    assert after["stopped_on_eos"] and after["closed_reasoning"]
+    assert after["completion_tokens"] < 400
+
+
+def test_gguf_files_and_metadata(demo_run):
+    export = demo_run["run"] / "export"
+    record = json.loads((export / "run.json").read_text())
+    q8 = export / "SmolLM2-135M-Instruct-cotune-Q8_0.gguf"
+    q4 = export / "SmolLM2-135M-Instruct-cotune-Q4_K_M.gguf"
+    assert set(record["ggufs"]) == {"Q8_0", "Q4_K_M"} and q8.is_file() and q4.is_file()
+    assert not list(export.glob(".*F16*")) and not list(export.glob(".tmp-*")), "no intermediate left behind"
+    meta = gguf_metadata(q8)
+    assert meta["general.architecture"] == "llama" and meta["general.file_type"] == 7
+    assert meta["tokenizer.ggml.eos_token_id"] == record["merge"]["eos_token_id"] == 2
+    assert meta["tokenizer.chat_template"] == record["chat_template"]
+    assert gguf_metadata(q4)["general.file_type"] == 15
+    from cotune.files import sha256_file
+
+    assert record["ggufs"]["Q8_0"]["sha256"] == sha256_file(q8)
+
+
+def test_verify_passes_on_the_q8_0(demo_run):
+    proc = demo_run["verify"]
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((demo_run["run"] / "verify" / "report.json").read_text())
+    assert report["passed"] and report["finish_reason"] == "stop" and report["file_type"] == "Q8_0"
+    assert all(c["passed"] for c in report["checks"]), report["checks"]
+    assert report["completion_tokens"] < report["decoding"]["max_tokens"]
+    assert "PASS  stopped on EOS before the token limit" in proc.stdout
+
+
+def test_q4_k_m_loads_and_answers(demo_run, tmp_path):
+    q4 = demo_run["run"] / "export" / "SmolLM2-135M-Instruct-cotune-Q4_K_M.gguf"
+    proc = run_script("verify", *DEMO, "--run-dir", str(tmp_path), "--gguf", str(q4), env=demo_run["env"])
+    report = json.loads((tmp_path / "verify" / "report.json").read_text())
+    assert report["file_type"] == "Q4_K_M" and report["answer"].strip(), proc.stdout
+    assert any(c["check"] == "chat template renders the training prompt" and c["passed"] for c in report["checks"])
+
+
+def test_verify_works_with_nothing_but_the_gguf(demo_run, tmp_path):
+    alone = tmp_path / "model.gguf"
+    shutil.copy(demo_run["run"] / "export" / "SmolLM2-135M-Instruct-cotune-Q8_0.gguf", alone)
+    code = ("import runpy, sys; sys.argv=['verify', '--preset', 'demo', '--run-dir', sys.argv[1], '--gguf', sys.argv[2]]\n"
+            "sys.modules['torch'] = None  # verify must not need torch\n"
+            f"runpy.run_path('{SCRIPTS / 'verify.py'}', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run"), str(alone)], capture_output=True,
+                          text=True, env=demo_run["env"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SKIP  EOS id matches the HF tokenizer" in proc.stdout
+
+
+@pytest.mark.parametrize("case, fragments", [
+    ("missing", ("no such file",)),
+    ("not_gguf", ("not a GGUF file",)),
+    ("truncated", ("llama.cpp can't load it", "truncated or corrupt")),
+])
+def test_verify_bad_gguf(demo_run, tmp_path, case, fragments):
+    target = tmp_path / "x.gguf"
+    if case == "not_gguf":
+        target.write_text("definitely not a model")
+    elif case == "truncated":
+        data = (demo_run["run"] / "export" / "SmolLM2-135M-Instruct-cotune-Q8_0.gguf").read_bytes()
+        target.write_bytes(data[: len(data) // 3])
+    proc = run_script("verify", *DEMO, "--run-dir", str(tmp_path / "run"), "--gguf", str(target), env=demo_run["env"])
+    assert_user_error(proc, *fragments)
+
+
+def test_unsupported_quant_type_is_refused(demo_run):
+    proc = run_script("export", *DEMO, "--run-dir", str(demo_run["run"]), "--gguf-quants", "Q8_0,IQ2_XS",
+                      env=demo_run["env"])
+    assert_user_error(proc, "unknown quant type IQ2_XS; allowed: Q8_0, F16, Q4_K_M")
+
+
+def test_merged_folder_without_tokenizer_is_refused(demo_run, tmp_path):
+    from cotune.errors import UserError
+    from cotune.export import convert_to_gguf
+
+    merged = tmp_path / "merged"
+    shutil.copytree(demo_run["run"] / "export" / "merged", merged)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (merged / name).unlink()
+    with pytest.raises(UserError, match="no tokenizer"):
+        convert_to_gguf(merged, tmp_path / "out.gguf", "Q8_0")
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_training_refuses_to_mix_settings(demo_run):
+    proc = run_script("train", *DEMO, "--run-dir", str(demo_run["run"]), "--lora-r", "8", env=demo_run["env"])
+    assert_user_error(proc, "made with other settings", "LORA_R 16 -> 8", "OVERWRITE=true")
+    assert (demo_run["run"] / "train" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_second_run_of_a_stage_is_refused_while_one_runs(demo_run):
+    import fcntl
+
+    lock = demo_run["run"] / "verify" / ".lock"
+    with open(lock, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = run_script("verify", *DEMO, "--run-dir", str(demo_run["run"]), env=demo_run["env"])
+    assert_user_error(proc, "another `verify` is running on this run folder")
