@@ -88,6 +88,24 @@ def gradient_checkpointing_value(settings: Settings, backend: Backend):
     return True
 
 
+def nf4_config(compute_dtype):
+    """QLoRA's 4-bit NF4 quantization, the same for training, generation and the merge."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_use_double_quant=True)
+
+
+def load_hf_model(model_path: Path, backend: Backend):
+    """The base model on the plain stack: safetensors only, no remote code, NF4 when the backend asks for it."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=backend.torch_dtype(), use_safetensors=True, trust_remote_code=False,
+        quantization_config=nf4_config(backend.torch_dtype()) if backend.load_in_4bit else None,
+        device_map={"": 0} if backend.device == "cuda" else None)
+
+
 def load_for_training(settings: Settings, backend: Backend, model_path: Path):
     """(model with LoRA adapters, tokenizer)."""
     from .models import load_tokenizer
@@ -109,18 +127,9 @@ def load_for_training(settings: Settings, backend: Backend, model_path: Path):
 
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(settings.random_state)
-    quantization = None
-    if backend.load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                          bnb_4bit_compute_dtype=backend.torch_dtype(), bnb_4bit_use_double_quant=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=backend.torch_dtype(), quantization_config=quantization, use_safetensors=True,
-        trust_remote_code=False, device_map={"": 0} if backend.device == "cuda" else None)
+    model = load_hf_model(model_path, backend)
     tokenizer = load_tokenizer(model_path)
     if backend.load_in_4bit:  # checkpointing itself is switched on by the trainer (SFTConfig)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -148,17 +157,7 @@ def load_for_generation(settings: Settings, backend: Backend, model_path: Path, 
         FastLanguageModel.for_inference(model)
         return model, tokenizer
 
-    from transformers import AutoModelForCausalLM
-
-    quantization = None
-    if backend.load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                          bnb_4bit_compute_dtype=backend.torch_dtype(), bnb_4bit_use_double_quant=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=backend.torch_dtype(), quantization_config=quantization, use_safetensors=True,
-        trust_remote_code=False, device_map={"": 0} if backend.device == "cuda" else None)
+    model = load_hf_model(model_path, backend)
     if adapter is not None:
         from peft import PeftModel
 

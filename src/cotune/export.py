@@ -71,11 +71,9 @@ def merge_adapter(settings: Settings, base: Path, adapter: Path, merged: Path, c
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else (torch.float16 if cuda else torch.float32)
     if settings.load_in_4bit and cuda:
-        from transformers import BitsAndBytesConfig
+        from .backends import nf4_config
 
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-                                          bnb_4bit_use_double_quant=True)
-        model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quantization, dtype=dtype,
+        model = AutoModelForCausalLM.from_pretrained(base, quantization_config=nf4_config(dtype), dtype=dtype,
                                                      use_safetensors=True, device_map={"": 0})
         model = model.dequantize()
         merged_into = "NF4 base weights dequantized to " + str(dtype).removeprefix("torch.")
