@@ -14,6 +14,7 @@ ENV_FILE ?= .env
 export COTUNE_ENV_FILE := $(ENV_FILE)
 DRY_RUN ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 IMAGE ?= cotune:$(VERSION)
 CUDA_ARCHITECTURES ?= 80;86;89;90
 HF_CACHE ?= $(or $(HF_HOME),$(HOME)/.cache/huggingface)
@@ -54,7 +55,7 @@ else
   STAGE_DEPS := $(SETUP_STAMP)
 endif
 
-.PHONY: help where setup data baseline train after export verify all demo test image clean FORCE
+.PHONY: help where setup data baseline train after export verify report all demo bench test image clean FORCE
 
 help: ## show this help
 	@echo "cotune $(VERSION): LoRA fine-tune -> merged model -> verified GGUF. Targets:"
@@ -81,7 +82,7 @@ where:
 
 $(RUN)/data/run.json: $(RUN)/.stamps/data.json | $(STAGE_DEPS) where
 	$(STAGE)data.py
-$(RUN)/baseline/run.json: $(RUN)/.stamps/baseline.json | $(STAGE_DEPS) where
+$(RUN)/baseline/run.json: $(RUN)/data/run.json $(RUN)/.stamps/baseline.json | $(STAGE_DEPS) where
 	$(STAGE)ask.py baseline
 $(RUN)/train/run.json: $(RUN)/data/run.json $(RUN)/.stamps/train.json | $(STAGE_DEPS) where
 	$(STAGE)train.py
@@ -92,12 +93,16 @@ $(RUN)/export/run.json: $(RUN)/train/run.json $(RUN)/.stamps/export.json | $(STA
 $(RUN)/verify/report.json: $(RUN)/export/run.json $(RUN)/.stamps/verify.json | $(STAGE_DEPS) where
 	$(STAGE)verify.py
 
+$(RUN)/report/report.html: $(RUN)/baseline/run.json $(RUN)/after/run.json $(RUN)/verify/report.json | $(STAGE_DEPS) where
+	$(STAGE)report.py
+
 data: $(RUN)/data/run.json ## render the dataset with the prompt template into train/eval JSONL
 baseline: $(RUN)/baseline/run.json ## the base model answers the probe question (before training)
 train: $(RUN)/train/run.json ## LoRA SFT (runs data first); resumes from the last checkpoint
 after: $(RUN)/after/run.json ## the fine-tuned model answers the same question
 export: $(RUN)/export/run.json ## merge and write the GGUF files (Q8_0; F16, Q4_K_M via GGUF_QUANTS)
-all: $(RUN)/baseline/run.json $(RUN)/after/run.json $(RUN)/verify/report.json ## every stage through verify
+report: $(RUN)/report/report.html ## before/after report: answers side by side, losses, GGUF fidelity (HTML + Markdown)
+all: $(RUN)/report/report.html ## every stage through verify, and the report
 
 ifeq ($(GGUF),)
 verify: $(RUN)/verify/report.json ## check the Q8_0 GGUF answers in the trained form (GGUF=path: any file)
@@ -111,7 +116,11 @@ demo: $(SETUP_STAMP) ## run every stage on the embedded model and the sample dat
 	@mkdir -p $(DEMO_RUN)
 	@$(MAKE) all RUN_IN=host PRESET=demo RUN_DIR=$(DEMO_RUN) 2>&1 | tee $(DEMO_RUN)/demo.log
 	@echo "--- time per stage ---"; grep -E '^\[[a-z]+\] done in' $(DEMO_RUN)/demo.log || echo "(every stage was up to date)"
-	@echo "GGUF: $$(ls $(DEMO_RUN)/export/*-Q8_0.gguf)   verify report: $(DEMO_RUN)/verify/report.json"
+	@echo "GGUF: $$(ls $(DEMO_RUN)/export/*-Q8_0.gguf)"
+	@echo "report: $(DEMO_RUN)/report/report.html (Markdown: $(DEMO_RUN)/report/report.md)"
+
+bench: $(STAGE_DEPS) ## training speed and memory: cotune vs the plain HF stack (GPU; BENCH_ARGS=--smoke on a CPU)
+	$(STAGE)bench.py --run-dir $(if $(filter docker,$(WHERE)),/work/run,$(RUN)) $(BENCH_ARGS)
 
 test: $(SETUP_STAMP) ## run the test suite (CPU; GPU tests skip with their reason)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)

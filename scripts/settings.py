@@ -21,6 +21,7 @@ STAGE_GROUPS = {
     "after": ("data", "model", "lora", "train", "ask"),
     "export": ("data", "model", "lora", "train", "export"),
     "verify": ("data", "model", "lora", "train", "export", "ask"),
+    "report": ("data", "model", "lora", "train", "export", "ask"),
 }
 
 

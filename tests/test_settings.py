@@ -55,7 +55,7 @@ def test_preset_is_a_layer_not_an_edit():
     ({"LORA_DROPOUT": "1.5"}, "LORA_DROPOUT=1.5: must be in [0, 1)"),
     ({"WARMUP_STEPS": "80"}, "WARMUP_STEPS=80: must be below MAX_STEPS=75"),
     ({"DATASET_SPLIT": "train[0:"}, "is not a split expression"),
-    ({"PRESET": "fast"}, "PRESET='fast': unknown preset; choose one of demo"),
+    ({"PRESET": "quick"}, "PRESET='quick': not allowed; choose one of '', demo, fast"),
     ({"HUB_REPO_ID": "no-slash"}, "HUB_REPO_ID='no-slash': must look like user/name"),
     ({"EVAL_SPLIT": "train[0:200]"}, "EVAL_SPLIT: must differ from DATASET_SPLIT"),
     ({"COTUNE_MAKE_VARS": "MAX_STEP"}, "make MAX_STEP=...: unknown setting; did you mean MAX_STEPS?"),

@@ -31,6 +31,15 @@ def generate_answer(model, tokenizer, prompt: str, max_new_tokens: int, device: 
     }
 
 
+def questions_to_ask(settings: Settings) -> list[tuple[str, str]]:
+    """The probe question, then the first EVAL_QUESTIONS held-out questions (for format adherence)."""
+    from .data import read_jsonl
+
+    held_out = read_jsonl(settings.stage_dir("data") / "eval.jsonl") if settings.eval_questions else []
+    return [("probe", settings.probe_question)] + [("held_out", r["question"])
+                                                   for r in held_out[: settings.eval_questions]]
+
+
 def run_ask_stage(settings: Settings, which: str) -> dict:
     from .backends import choose_backend, load_for_generation
     from .files import write_json_atomic, write_run_record
@@ -49,19 +58,19 @@ def run_ask_stage(settings: Settings, which: str) -> dict:
     backend = choose_backend(settings)
     model, tokenizer = load_for_generation(settings, backend, model_path, adapter)
     max_new = settings.max_new_tokens_before if which == "baseline" else settings.max_new_tokens_after
-    prompt = template.prompt(settings.probe_question)
-    result = generate_answer(model, tokenizer, prompt, max_new, backend.device)
-    result.update({
-        "question": settings.probe_question,
-        "prompt": prompt,
-        "closed_reasoning": template.reasoning_close in result["answer"],
-    })
+    answers = []
+    for kind, question in questions_to_ask(settings):
+        prompt = template.prompt(question)
+        result = generate_answer(model, tokenizer, prompt, max_new, backend.device)
+        result.update({"kind": kind, "question": question, "prompt": prompt,
+                       "closed_reasoning": template.reasoning_close in result["answer"]})
+        answers.append(result)
     record = {
         "model": "base" if which == "baseline" else "base + LoRA adapter",
         "backend": backend.name, "device": backend.device, "dtype": backend.dtype,
         "load_in_4bit": backend.load_in_4bit,
         "decoding": {"do_sample": False, "max_new_tokens": max_new, "eos_token_id": tokenizer.eos_token_id},
-        "answers": [result],
+        "answers": answers,
     }
     out = settings.stage_dir(which)
     write_json_atomic(out / "answers.json", record)

@@ -7,9 +7,10 @@ import shutil
 from pathlib import Path
 
 SHAPES = {
-    # name: (hidden, layers, heads, kv_heads, intermediate)
-    "qwen3-tiny": (1024, 8, 16, 8, 3072),
-    "qwen3-8b": (4096, 36, 32, 8, 12288),
+    # name: (hidden, layers, heads, kv_heads, intermediate, head_dim, vocab or None for the tokenizer's size)
+    "qwen3-micro": (64, 2, 4, 2, 128, 16, None),  # the benchmark's CPU smoke mode
+    "qwen3-tiny": (1024, 8, 16, 8, 3072, 128, None),
+    "qwen3-8b": (4096, 36, 32, 8, 12288, 128, 151936),  # Qwen3-8B's own shape: 8.19B parameters
 }
 
 
@@ -17,17 +18,17 @@ def build(shape: str, tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    hidden, layers, heads, kv_heads, intermediate = SHAPES[shape]
+    hidden, layers, heads, kv_heads, intermediate, head_dim, vocab = SHAPES[shape]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+    config = Qwen3Config(vocab_size=vocab or len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=intermediate,
-                         head_dim=128, max_position_embeddings=32768, tie_word_embeddings=False,
+                         head_dim=head_dim, max_position_embeddings=32768, tie_word_embeddings=False,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, dtype="bfloat16")
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
-        model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+        model = Qwen3ForCausalLM(config).to(torch.bfloat16 if device == "cuda" else torch.float32)
     model.save_pretrained(out, safe_serialization=True)
     for f in tokenizer_dir.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):

@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+"""Benchmark: training tokens/s, step time, peak GPU memory and MFU of cotune's training stage against the plain
+Hugging Face stack and the reference notebook's literal settings, one process per configuration, in one run.
+
+The model is built with random weights in the configured architecture (Qwen3-8B's shape by default); rows have a
+lognormal length spread. Results: RUN_DIR/bench/bench.json and bench.md (naming the GPU). `--smoke` runs the plain
+stack on a tiny model on the CPU in seconds, to prove the harness.
+"""
+import argparse
+from pathlib import Path
+
+from cotune.errors import UserError, run_main
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="CPU: tiny random model, plain stack, a few steps")
+    parser.add_argument("--shape", default=None, help="random-model shape [default: qwen3-8b, qwen3-micro with --smoke]")
+    parser.add_argument("--model", type=Path, default=None, help="an existing model folder instead of building one")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer for the random model [embedded SmolLM2's]")
+    parser.add_argument("--configs", default=None, help="comma-separated subset of the configurations")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per configuration [20; 4 smoke]")
+    parser.add_argument("--warmup", type=int, default=None, help="first steps not timed [3; 1 smoke]")
+    parser.add_argument("--run-dir", type=Path, default=Path("artifacts"))
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from cotune.bench import CONFIGS, run_all
+    from cotune.models import resolve_model_path
+    from cotune.randmodel import build
+    from cotune.settings import EMBEDDED_MODEL
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        raise UserError("no CUDA GPU: the benchmark measures GPU training; use --smoke on a CPU")
+    configs = args.configs.split(",") if args.configs else (["plain-reference"] if args.smoke else list(CONFIGS))
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        raise UserError(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
+    out = args.run_dir / "bench"
+    model = args.model
+    if model is None:
+        shape = args.shape or ("qwen3-micro" if args.smoke else "qwen3-8b")
+        model = out / f"model-{shape}-random"
+        if not (model / "config.json").is_file():
+            build(shape, args.tokenizer or resolve_model_path(EMBEDDED_MODEL), model)
+    steps, warmup = args.steps or (4 if args.smoke else 20), args.warmup if args.warmup is not None else (1 if args.smoke else 3)
+    rows, max_len, median = (32, 128, 64) if args.smoke else (400, 2048, 700)
+    run_all(model, out, configs, steps, warmup, rows, max_len, median, cuda)
+    print((out / "bench.md").read_text())
+
+
+if __name__ == "__main__":
+    run_main(main)
