@@ -1,17 +1,22 @@
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
+DEMO = ("--preset", "demo")
+PLANTED_TOKEN = "hf_" + "PlantedTokenThatMustNeverLeak0123456789"
 
 
 def script_env(tmp_path: Path | None = None, **overrides: str) -> dict:
     """The environment a user's shell would give a script, minus any cotune settings of the developer's."""
-    from cotune.settings import FIELDS, env_name
+    from cotune.settings import FIELDS
 
     env = {k: v for k, v in os.environ.items() if k.lower() not in FIELDS and k != "COTUNE_MAKE_VARS"}
     env["COTUNE_ENV_FILE"] = str((tmp_path or ROOT) / "no-such.env")
@@ -54,3 +59,44 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+def train_killed_then_resumed(run: Path, env: dict) -> tuple[str, int]:
+    """Start training, SIGKILL it after the step-8 checkpoint is safely on disk, then rerun it."""
+    args = [sys.executable, str(SCRIPTS / "train.py"), *DEMO, "--run-dir", str(run)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    metrics = run / "train" / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    killed_at = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        steps = [json.loads(l).get("step", 0) for l in metrics.read_text().splitlines()] if metrics.is_file() else []
+        if steps and max(steps) >= 10:
+            proc.send_signal(signal.SIGKILL)
+            killed_at = max(steps)
+            break
+        time.sleep(0.5)
+    proc.wait()
+    assert killed_at is not None, "training ended before it could be killed"
+    assert not (run / "train" / "adapter").exists() and not (run / "train" / "run.json").exists()
+    resumed = run_script("train", *DEMO, "--run-dir", str(run), env=env, check=True)
+    return resumed.stdout + resumed.stderr, killed_at
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The whole demo chain once per session, with a token planted in the environment (it must leak nowhere)."""
+    run = tmp_path_factory.mktemp("demo") / "run"
+    env = script_env(run.parent, HF_TOKEN=PLANTED_TOKEN)
+    out = {"run": run, "env": env, "outputs": []}
+    for stage in (("data",), ("ask", "baseline")):
+        out["outputs"].append(run_script(stage[0], *stage[1:], *DEMO, "--run-dir", str(run), env=env, check=True))
+    out["train_log"], out["killed_at"] = train_killed_then_resumed(run, env)
+    out["outputs"].append(run_script("ask", "after", *DEMO, "--run-dir", str(run), env=env, check=True))
+    # the demo asks Q8_0, F16 and Q4_K_M
+    out["outputs"].append(run_script("export", *DEMO, "--run-dir", str(run), env=env, check=True))
+    out["verify"] = run_script("verify", *DEMO, "--run-dir", str(run), env=env)
+    out["report"] = run_script("report", *DEMO, "--run-dir", str(run), env=env)
+    out["outputs"] += [out["verify"], out["report"]]
+    return out
+
+

@@ -2,18 +2,15 @@
 data -> baseline -> train (killed mid-way, then resumed) -> after -> export (Q8_0 + Q4_K_M) -> verify."""
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import SCRIPTS, assert_user_error, run_script, script_env
+from conftest import DEMO, SCRIPTS, assert_user_error, run_script
 
 pytestmark = pytest.mark.slow
-DEMO = ("--preset", "demo")
 
 
 def gguf_metadata(path: Path) -> dict:
@@ -26,42 +23,6 @@ def gguf_metadata(path: Path) -> dict:
         if f is not None:
             value = f.parts[f.data[0]]
             out[key] = bytes(value).decode() if value.dtype.kind == "u" and value.dtype.itemsize == 1 else int(value[0])
-    return out
-
-
-def train_killed_then_resumed(run: Path, env: dict) -> tuple[str, int]:
-    """Start training, SIGKILL it after the step-8 checkpoint is safely on disk, then rerun it."""
-    args = [sys.executable, str(SCRIPTS / "train.py"), *DEMO, "--run-dir", str(run)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    metrics = run / "train" / "metrics.jsonl"
-    deadline = time.monotonic() + 600
-    killed_at = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        steps = [json.loads(l).get("step", 0) for l in metrics.read_text().splitlines()] if metrics.is_file() else []
-        if steps and max(steps) >= 10:
-            proc.send_signal(signal.SIGKILL)
-            killed_at = max(steps)
-            break
-        time.sleep(0.5)
-    proc.wait()
-    assert killed_at is not None, "training ended before it could be killed"
-    assert not (run / "train" / "adapter").exists() and not (run / "train" / "run.json").exists()
-    resumed = run_script("train", *DEMO, "--run-dir", str(run), env=env, check=True)
-    return resumed.stdout + resumed.stderr, killed_at
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("demo") / "run"
-    env = script_env(run.parent)
-    out = {"run": run, "env": env}
-    for stage in (("data",), ("ask", "baseline")):
-        run_script(stage[0], *stage[1:], *DEMO, "--run-dir", str(run), env=env, check=True)
-    out["train_log"], out["killed_at"] = train_killed_then_resumed(run, env)
-    run_script("ask", "after", *DEMO, "--run-dir", str(run), env=env, check=True)
-    run_script("export", *DEMO, "--run-dir", str(run), env=env, check=True)  # the demo asks Q8_0, F16, Q4_K_M
-    out["verify"] = run_script("verify", *DEMO, "--run-dir", str(run), env=env)
-    out["report"] = run_script("report", *DEMO, "--run-dir", str(run), env=env)
     return out
 
 

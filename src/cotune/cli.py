@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import UserError
+from .files import clean_stale_temporaries
 from .settings import Settings, add_setting_flags, from_args
 
 
@@ -44,6 +45,7 @@ def stage_lock(stage_dir: Path, stage: str) -> Iterator[None]:
     fh.truncate()
     fh.write(f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}")
     fh.flush()
+    clean_stale_temporaries(stage_dir)
     try:
         yield
     finally:

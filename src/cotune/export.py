@@ -2,6 +2,7 @@
 renders the training prompt, convert it with llama.cpp's own converter, and quantize through llama-cpp-python."""
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import struct
@@ -112,6 +113,8 @@ def convert_to_gguf(merged: Path, outfile: Path, quant: str) -> None:
         proc = subprocess.run([sys.executable, str(converter_script()), str(merged), "--outfile", str(tmp),
                                "--outtype", CONVERTER_OUTTYPE[quant]], capture_output=True, text=True)
         if proc.returncode != 0:
+            if "No space left on device" in proc.stderr:
+                raise OSError(errno.ENOSPC, "No space left on device", str(outfile))
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             raise UserError(f"llama.cpp's converter failed on {merged} ({quant}): {' | '.join(tail)}")
 
@@ -140,7 +143,25 @@ def run_export_stage(settings: Settings) -> dict:
     base = resolve_model_path(settings.base_model)
     template = load_template(settings.template)
     n_params = count_parameters(base)
-    check_disk(settings, n_params, merge_bytes_per_weight=4)
+    if settings.disk_check:
+        check_disk(settings, n_params, merge_bytes_per_weight=4)
+    try:
+        return _export(settings, out, base, adapter, template, n_params)
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        raise UserError(f"{out}: the disk filled up while exporting (No space left on device); nothing half-written "
+                        "was kept and earlier stages' outputs are intact. Free disk and run `make export` again") from None
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """OSError from Python code, or the message of a library's own error type (safetensors raises a Rust error)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    return "No space left on device" in str(err) or "os error 28" in str(err)
+
+
+def _export(settings: Settings, out: Path, base: Path, adapter: Path, template, n_params: int) -> dict:
     merged = out / "merged"
     merge = merge_adapter(settings, base, adapter, merged, template.chat_template())
 

@@ -97,10 +97,14 @@ def write_run_record(stage_dir: Path, settings_dump: dict, inputs: dict[str, Pat
 
 
 def clean_stale_temporaries(folder: Path) -> None:
-    """Remove `.tmp-*` leftovers of a killed earlier attempt; they were never taken as outputs."""
+    """Remove what a killed earlier attempt left: `.tmp-*` (never renamed into place, so never taken as an output)
+    and `.old-*` (a replaced folder whose removal was cut short). Call only while holding the stage lock."""
     if folder.is_dir():
-        for leftover in folder.glob(".tmp-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in [*folder.glob(".tmp-*"), *folder.glob(".old-*")]:
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

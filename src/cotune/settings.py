@@ -70,6 +70,8 @@ class Settings:
     run_dir: str = _setting("artifacts", "folder for every stage's outputs, one subfolder per stage", "run")
     overwrite: bool = _setting(False, "replace a stage's finished outputs or checkpoints made with other settings",
                                "run")
+    disk_check: bool = _setting(True, "check free disk against what training checkpoints and the export need before "
+                                      "writing; false only where the estimate is wrong for your filesystem", "run")
     backend: str = _setting("auto", "auto: Unsloth when a CUDA GPU and Unsloth are there, else transformers+peft+trl",
                             "run", choices=("auto", "unsloth", "hf"))
     # --- model ---
@@ -141,6 +143,7 @@ class Settings:
     # --- hub ---
     hub_repo_id: str = _setting("", "Hub repo to push to (user/name); '' means no push", "hub", check=_repo_id)
     hub_private: bool = _setting(True, "create the Hub repo private", "hub")
+    hub_license: str = _setting("apache-2.0", "license named in the model card (the base model's)", "hub")
     hf_token: str = _setting("", "Hugging Face token for push and gated models; from the environment or .env only",
                              "hub", secret=True)
 

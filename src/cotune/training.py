@@ -175,7 +175,8 @@ def run_train_stage(settings: Settings) -> dict:
     model_path = resolve_model_path(settings.base_model)
     model, tokenizer = load_for_training(settings, backend, model_path)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    check_disk_for_checkpoints(settings, trainable)
+    if settings.disk_check:
+        check_disk_for_checkpoints(settings, trainable)
 
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer

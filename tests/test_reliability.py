@@ -1,0 +1,126 @@
+"""Faults and leaks: a kill at any moment leaves nothing that counts as done, a full disk is one clear line, and
+the Hugging Face token appears in no file, output or command line of a whole run."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import DEMO, PLANTED_TOKEN, ROOT, SCRIPTS, assert_user_error, run_script, script_env
+
+pytestmark = pytest.mark.slow
+
+
+def copy_run(demo_run, target: Path, stages=("data", "train")) -> Path:
+    for stage in stages:
+        shutil.copytree(demo_run["run"] / stage, target / stage,
+                        ignore=shutil.ignore_patterns("checkpoints", ".lock"))
+    return target
+
+
+def kill_when(args, env, ready, timeout=300) -> None:
+    """Start a stage in its own process group and SIGKILL the whole group (converter included) once `ready()`."""
+    proc = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.05)
+    assert proc.poll() is None, "the stage finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_during_export_leaves_nothing_done_and_a_rerun_completes(demo_run, tmp_path):
+    run = copy_run(demo_run, tmp_path / "run")
+    export = run / "export"
+    env = demo_run["env"]
+    # killed while llama.cpp's converter writes the first GGUF (a temporary exists next to the merged folder)
+    kill_when([str(SCRIPTS / "export.py"), *DEMO, "--run-dir", str(run)], env,
+              lambda: (export / "merged").is_dir() and any(p.suffix == ".gguf" for p in export.glob(".tmp-*/*")))
+    assert not (export / "run.json").exists()
+    assert not list(export.glob("*.gguf")), "a GGUF under its final name after a kill would be taken as done"
+    assert list(export.glob(".tmp-*")), "the killed attempt's temporary is still there (and never taken as output)"
+    run_script("export", *DEMO, "--run-dir", str(run), env=env, check=True)
+    assert not list(export.glob(".tmp-*")), "the rerun cleaned the killed attempt's leftovers"
+    proc = run_script("verify", *DEMO, "--run-dir", str(run), env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_sigkill_during_verify_keeps_the_previous_report(demo_run, tmp_path):
+    run = copy_run(demo_run, tmp_path / "run", stages=("data", "train", "export"))
+    record = json.loads((run / "export" / "run.json").read_text())
+    # the copied export's record points at the original files; verify the copy's own Q8_0
+    gguf = run / "export" / Path(record["ggufs"]["Q8_0"]["path"]).name
+    report = run / "verify" / "report.json"
+    report.parent.mkdir(parents=True)
+    report.write_text('{"passed": true, "note": "an earlier, complete report"}')
+    started = time.monotonic()
+    kill_when([str(SCRIPTS / "verify.py"), *DEMO, "--run-dir", str(run), "--gguf", str(gguf)], demo_run["env"],
+              lambda: time.monotonic() - started > 2.5)  # mid-generation: loading takes ~1 s, answering ~2 s
+    assert json.loads(report.read_text())["note"] == "an earlier, complete report"
+    proc = run_script("verify", *DEMO, "--run-dir", str(run), "--gguf", str(gguf), env=demo_run["env"])
+    assert proc.returncode == 0 and json.loads(report.read_text())["passed"] is True
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400m", "tmpfs", str(mount)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"can't mount a size-limited tmpfs here ({proc.stderr.decode().strip()}); needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_disk_full_during_export_is_one_clear_line_and_keeps_earlier_outputs(demo_run, small_disk):
+    run = copy_run(demo_run, small_disk / "run")
+    adapter_before = (run / "train" / "adapter" / "adapter_model.safetensors").read_bytes()
+    # the preflight refuses first, with both numbers
+    proc = run_script("export", *DEMO, "--run-dir", str(run), env=demo_run["env"])
+    assert_user_error(proc, "GiB free, the merge and conversion need about", "free disk or point RUN_DIR elsewhere")
+    # past the preflight, the disk really fills up mid-export
+    proc = run_script("export", *DEMO, "--run-dir", str(run), "--disk-check", "false", env=demo_run["env"])
+    assert_user_error(proc, "the disk filled up while exporting", "earlier stages' outputs are intact")
+    assert (run / "train" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter_before
+    assert not (run / "export" / "run.json").exists() and not list((run / "export").glob("*.gguf"))
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    proc = run_script("data", *DEMO, "--run-dir", str(tmp_path / "run"), "--base-model", str(model),
+                      env=script_env(tmp_path))
+    assert_user_error(proc, "weights are pickle files (.bin/.pt)", "cotune loads safetensors only")
+
+
+def test_token_leaks_nowhere(demo_run):
+    """Every file of a whole demo run, every stage's output, and the docker command line."""
+    hits = []
+    for path in demo_run["run"].rglob("*"):
+        if path.is_file() and PLANTED_TOKEN.encode() in path.read_bytes():
+            hits.append(str(path))
+    for proc in demo_run["outputs"]:
+        if PLANTED_TOKEN in proc.stdout + proc.stderr:
+            hits.append(f"output of {proc.args[1:3]}")
+    if PLANTED_TOKEN in demo_run["train_log"]:
+        hits.append("output of train")
+    rendered = subprocess.run(["make", "-n", "all", "RUN_IN=docker"], capture_output=True, text=True, cwd=ROOT,
+                              env=demo_run["env"])
+    if PLANTED_TOKEN in rendered.stdout + rendered.stderr:
+        hits.append("make -n all RUN_IN=docker")
+    assert not hits, hits
+    settings = json.loads((demo_run["run"] / "train" / "run.json").read_text())["settings"]
+    assert settings["hf_token"] == "<set>", "the run saw the token (so the scan above was meaningful)"
+
+
+def test_env_file_is_ignored_by_git_and_docker():
+    assert ".env" in (ROOT / ".gitignore").read_text().splitlines()
+    assert ".env" in (ROOT / ".dockerignore").read_text().splitlines()
