@@ -55,7 +55,7 @@ else
   STAGE_DEPS := $(SETUP_STAMP)
 endif
 
-.PHONY: help where setup data baseline train after export verify report all demo bench test image clean FORCE
+.PHONY: help where setup data baseline train after export verify report push all demo bench test image clean FORCE
 
 help: ## show this help
 	@echo "cotune $(VERSION): LoRA fine-tune -> merged model -> verified GGUF. Targets:"
@@ -118,6 +118,9 @@ demo: $(SETUP_STAMP) ## run every stage on the embedded model and the sample dat
 	@echo "--- time per stage ---"; grep -E '^\[[a-z]+\] done in' $(DEMO_RUN)/demo.log || echo "(every stage was up to date)"
 	@echo "GGUF: $$(ls $(DEMO_RUN)/export/*-Q8_0.gguf)"
 	@echo "report: $(DEMO_RUN)/report/report.html (Markdown: $(DEMO_RUN)/report/report.md)"
+
+push: $(RUN)/report/report.html ## upload the verified GGUFs, model card and Modelfile to HUB_REPO_ID (DRY_RUN=1: list only)
+	$(STAGE)push.py $(if $(DRY_RUN),--dry-run)
 
 bench: $(STAGE_DEPS) ## training speed and memory: cotune vs the plain HF stack (GPU; BENCH_ARGS=--smoke on a CPU)
 	$(STAGE)bench.py --run-dir $(if $(filter docker,$(WHERE)),/work/run,$(RUN)) $(BENCH_ARGS)

@@ -124,3 +124,17 @@ def test_token_leaks_nowhere(demo_run):
 def test_env_file_is_ignored_by_git_and_docker():
     assert ".env" in (ROOT / ".gitignore").read_text().splitlines()
     assert ".env" in (ROOT / ".dockerignore").read_text().splitlines()
+
+
+def test_memory_preflight_refuses_a_model_that_cannot_fit(tmp_path):
+    """A folder whose safetensors header declares 1e12 weights: refused with numbers before anything loads."""
+    import struct
+
+    model = tmp_path / "huge"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    header = json.dumps({"w": {"dtype": "F32", "shape": [100000, 100000, 100], "data_offsets": [0, 0]}}).encode()
+    (model / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    proc = run_script("ask", "baseline", *DEMO, "--run-dir", str(tmp_path / "run"), "--base-model", str(model),
+                      "--eval-questions", "0", env=script_env(tmp_path))
+    assert_user_error(proc, "asking the model needs about", "GiB RAM available; use a smaller model")

@@ -106,9 +106,15 @@ def load_hf_model(model_path: Path, backend: Backend):
         device_map={"": 0} if backend.device == "cuda" else None)
 
 
+def bytes_per_weight(backend: Backend) -> float:
+    return 0.6 if backend.load_in_4bit else {"fp32": 4, "bf16": 2, "fp16": 2}[backend.dtype]
+
+
 def load_for_training(settings: Settings, backend: Backend, model_path: Path):
     """(model with LoRA adapters, tokenizer)."""
-    from .models import load_tokenizer
+    from .models import load_tokenizer, preflight_memory
+
+    preflight_memory(model_path, bytes_per_weight(backend), "training", gpu=backend.device == "cuda")
 
     if backend.name == "unsloth":
         from unsloth import FastLanguageModel  # must come before transformers/peft/trl are used
@@ -146,7 +152,9 @@ def load_for_training(settings: Settings, backend: Backend, model_path: Path):
 
 def load_for_generation(settings: Settings, backend: Backend, model_path: Path, adapter: Path | None = None):
     """(model ready to generate, tokenizer): the base model, or the base with the trained adapter applied."""
-    from .models import load_tokenizer
+    from .models import load_tokenizer, preflight_memory
+
+    preflight_memory(model_path, bytes_per_weight(backend), "asking the model", gpu=backend.device == "cuda")
 
     if backend.name == "unsloth":
         from unsloth import FastLanguageModel

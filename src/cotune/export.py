@@ -3,9 +3,7 @@ renders the training prompt, convert it with llama.cpp's own converter, and quan
 from __future__ import annotations
 
 import errno
-import json
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -28,22 +26,6 @@ def gguf_stem(settings: Settings) -> str:
 
 def gguf_path(settings: Settings, quant: str) -> Path:
     return settings.stage_dir("export") / f"{gguf_stem(settings)}-{quant}.gguf"
-
-
-def count_parameters(folder: Path) -> int:
-    """Weights in a safetensors folder, read from the file headers (no tensor is loaded)."""
-    total = 0
-    for file in folder.glob("*.safetensors"):
-        with open(file, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
-        for name, info in header.items():
-            if name != "__metadata__":
-                count = 1
-                for dim in info["shape"]:
-                    count *= dim
-                total += count
-    return total
 
 
 def check_disk(settings: Settings, n_params: int, merge_bytes_per_weight: int) -> None:
@@ -133,7 +115,7 @@ def quantize_gguf(source: Path, outfile: Path, quant: str) -> None:
 
 
 def run_export_stage(settings: Settings) -> dict:
-    from .models import resolve_model_path
+    from .models import count_parameters, preflight_memory, resolve_model_path
     from .prompts import load_template
 
     out = settings.stage_dir("export")
@@ -143,6 +125,7 @@ def run_export_stage(settings: Settings) -> dict:
     base = resolve_model_path(settings.base_model)
     template = load_template(settings.template)
     n_params = count_parameters(base)
+    preflight_memory(base, bytes_per_weight=4, what="the merge")  # merged in fp32 on a CPU (bf16 on a GPU)
     if settings.disk_check:
         check_disk(settings, n_params, merge_bytes_per_weight=4)
     try:

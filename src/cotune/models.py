@@ -3,7 +3,9 @@ plain HF folder), a local folder, or the Hugging Face cache / Hub. Weights load 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import struct
 from pathlib import Path
 
 from .errors import UserError, warn
@@ -167,3 +169,45 @@ def model_name_stem(base_model: str) -> str:
 def warn_if_cpu(device: str, what: str) -> None:
     if device == "cpu":
         warn(f"no CUDA GPU found: {what} runs on the CPU in fp32 (slow; fine for the demo preset)")
+
+
+def count_parameters(folder: Path) -> int:
+    """Weights in a safetensors folder, read from the file headers (no tensor is loaded)."""
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        with open(file, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        for name, info in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in info["shape"]:
+                    count *= dim
+                total += count
+    return total
+
+
+def available_ram_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def preflight_memory(model_path: Path, bytes_per_weight: float, what: str, gpu: bool = False) -> None:
+    """Refuse before loading when the weights alone would not fit: the numbers, and what to change."""
+    need = count_parameters(model_path) * bytes_per_weight * 1.2 + (1 << 30)  # activations, buffers, runtime
+    if gpu:
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        where, have = "GPU memory free", free
+    else:
+        where, have = "RAM available", available_ram_bytes()
+    if have is not None and have < need:
+        raise UserError(f"{what} needs about {need / 2**30:.1f} GiB for {model_path.name} and only "
+                        f"{have / 2**30:.1f} GiB {where}; use a smaller model, LOAD_IN_4BIT=true on a GPU, or a "
+                        "bigger machine")

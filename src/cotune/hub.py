@@ -1,0 +1,163 @@
+"""The push stage: upload the verified GGUF files, a model card and an Ollama Modelfile to the Hugging Face Hub.
+Only what verify passed is pushed; the token comes from the environment or .env and is never printed or written."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .errors import UserError
+from .files import sha256_file, write_json_atomic, write_text_atomic
+from .prompts import PromptTemplate
+from .settings import Settings
+
+
+def git_blob_sha1(data: bytes) -> str:
+    """The id the Hub reports for a regular (non-LFS) file: git's blob hash."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def go_template_literal(text: str) -> str:
+    """Literal text inside an Ollama (Go) template: only `{{` needs escaping."""
+    return text.replace("{{", '{{"{{"}}')
+
+
+def modelfile(gguf_name: str, template: PromptTemplate, eos_token: str) -> str:
+    """An Ollama Modelfile whose TEMPLATE renders exactly the training prompt for the user's message."""
+    body = go_template_literal(template.head) + "{{ .Prompt }}" + go_template_literal(template.middle)
+    stops = [eos_token, template.head.strip().splitlines()[0]]
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{body}"""']
+    lines += [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in stops]
+    lines += ["PARAMETER temperature 0.6", ""]
+    return "\n".join(lines)
+
+
+def model_card(settings: Settings, export: dict, verify: dict, report: dict | None, files: list[str]) -> str:
+    s = export["settings"]
+    dataset = s["dataset"] if "/" in s["dataset"] and not Path(s["dataset"]).exists() else None
+    front = ["---", f"base_model: {s['base_model']}" if "/" in s["base_model"] else None,
+             f"datasets:\n- {dataset}" if dataset else None, f"license: {settings.hub_license}",
+             "library_name: gguf", "tags:\n- gguf\n- llama.cpp\n- ollama\n- lora\n- cotune", "---"]
+    q8 = next(f for f in files if f.endswith("-Q8_0.gguf"))
+    lines = [l for l in front if l] + [
+        "", f"# {Path(q8).stem.removesuffix('-Q8_0')}", "",
+        f"A LoRA fine-tune of `{s['base_model']}` on `{s['dataset']}` ({s['dataset_split']}), merged and converted "
+        "to GGUF by [cotune](https://github.com/). Verified with llama.cpp before upload.", "",
+        "## Training", "",
+        f"LoRA r {s['lora_r']}, alpha {s['lora_alpha']} on {', '.join(s['target_modules'])}; {s['max_steps']} steps, "
+        f"batch {s['batch_size']} x {s['grad_accum']}, learning rate {s['learning_rate']}, max length "
+        f"{s['max_seq_length']}; merged into {export['merge']['merged_into']}.", "",
+        "## Verify checks (the Q8_0 file, before upload)", "", "| check | result | detail |", "|---|---|---|"]
+    lines += [f"| {c['check']} | {({True: 'pass', False: 'FAIL', None: 'skipped'})[c['passed']]} | {c['detail']} |"
+              for c in verify["checks"]]
+    if report:
+        p = report["probe"][0]
+        cell = lambda t: t.replace("\n", "<br>").replace("|", "\\|")  # noqa: E731
+        lines += ["", "## Before and after", "", f"**{p['question']}**", "", "| base | fine-tuned | GGUF Q8_0 |",
+                  "|---|---|---|", f"| {cell(p['base'])} | {cell(p['fine_tuned'])} | {cell(p['gguf'])} |", "",
+                  f"Held-out loss {report['training']['eval_loss_start']:.3f} -> "
+                  f"{report['training']['eval_loss_end']:.3f}."]
+    lines += ["", "## Files", "", "| file | bytes | sha256 |", "|---|---|---|"]
+    lines += [f"| {Path(f).name} | {info['bytes']} | {info['sha256']} |" for f, info in
+              ((i["path"], i) for i in export["ggufs"].values()) if Path(f).name in {Path(x).name for x in files}]
+    name = Path(q8).name
+    lines += ["", "## Use", "", "The model answers in the prompt form it was trained on; the GGUF's chat template "
+              "renders it, so chat front-ends ask it correctly.", "",
+              "llama.cpp:", "", "```bash", f"llama-cli -m {name} -cnv", "```", "",
+              "llama-cpp-python:", "", "```python", "from llama_cpp import Llama",
+              f"llm = Llama(model_path='{name}', n_ctx=4096)",
+              f"print(llm.create_chat_completion(messages=[{{'role': 'user', 'content': {settings.probe_question!r}}}]))",
+              "```", "", "Ollama (the Modelfile in this repo renders the same prompt and stops on EOS):", "",
+              "```bash", "ollama create cotune-model -f Modelfile", "ollama run cotune-model", "```", ""]
+    return "\n".join(lines)
+
+
+def pushable(settings: Settings) -> tuple[dict, dict, dict | None, list[Path]]:
+    """The export record, the verify report, the report (if any) and the GGUF files, or a refusal."""
+    export_record = settings.stage_dir("export") / "run.json"
+    verify_path = settings.stage_dir("verify") / "report.json"
+    if not export_record.is_file():
+        raise UserError(f"{export_record}: missing; run `make export` and `make verify` before pushing")
+    if not verify_path.is_file():
+        raise UserError(f"{verify_path}: missing; only a verified GGUF is pushed, run `make verify` first")
+    export = json.loads(export_record.read_text())
+    verify = json.loads(verify_path.read_text())
+    # files are looked up beside the record, so a run folder that was moved or copied still pushes its own files
+    ggufs = [settings.stage_dir("export") / Path(i["path"]).name for i in export["ggufs"].values()]
+    q8 = next(p for p in ggufs if p.name.endswith("-Q8_0.gguf"))
+    if not verify.get("passed"):
+        failed = ", ".join(c["check"] for c in verify.get("checks", []) if c["passed"] is False)
+        raise UserError(f"{verify_path}: verify FAILED ({failed}); fix the model and verify again before pushing")
+    if Path(verify["gguf"]).name != q8.name:
+        raise UserError(f"{verify_path}: speaks of {verify['gguf']}, not the exported {q8}; run `make verify` again")
+    if not q8.is_file() or verify_path.stat().st_mtime < q8.stat().st_mtime or verify["sha256"] != sha256_file(q8):
+        raise UserError(f"{verify_path}: older than {q8.name} (the GGUF changed after it was verified); run "
+                        "`make verify` again")
+    for path in ggufs:
+        if not path.is_file():
+            raise UserError(f"{path}: listed by the export but missing; run `make export` again")
+    report_path = settings.stage_dir("report") / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    return export, verify, report, ggufs
+
+
+def build_upload(settings: Settings) -> list[tuple[str, bytes | Path]]:
+    """(path in the repo, content or file) for everything that goes up."""
+    from .prompts import load_template
+
+    export, verify, report, ggufs = pushable(settings)
+    q8 = next(p for p in ggufs if p.name.endswith("-Q8_0.gguf"))
+    card = model_card(settings, export, verify, report, [str(p) for p in ggufs])
+    mf = modelfile(q8.name, load_template(settings.template), export["merge"]["eos_token"])
+    return [(p.name, p) for p in ggufs] + [("README.md", card.encode()), ("Modelfile", mf.encode())]
+
+
+def describe(item: bytes | Path) -> tuple[int, str]:
+    if isinstance(item, Path):
+        return item.stat().st_size, sha256_file(item)
+    return len(item), hashlib.sha256(item).hexdigest()
+
+
+def run_push_stage(settings: Settings, dry_run: bool) -> dict:
+    if not settings.hub_repo_id:
+        raise UserError("HUB_REPO_ID is not set; name the repo to push to, e.g. make push HUB_REPO_ID=you/model")
+    items = build_upload(settings)
+    plan = [{"path": path, "bytes": size, "sha256": digest} for path, (size, digest) in
+            ((path, describe(item)) for path, item in items)]
+    out = settings.stage_dir("push")
+    for path, item in items:  # the model card and Modelfile, kept beside the run for review
+        if isinstance(item, bytes):
+            write_text_atomic(out / path, item.decode())
+    write_json_atomic(out / "plan.json", {"repo_id": settings.hub_repo_id, "files": plan})
+    if dry_run:
+        return {"repo_id": settings.hub_repo_id, "dry_run": True, "files": plan, "uploaded": []}
+    if not settings.hf_token:
+        raise UserError("HF_TOKEN is not set; put it in .env (HF_TOKEN=...) or the environment, never on a command "
+                        "line. `make push DRY_RUN=1` needs no token")
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(token=settings.hf_token)
+    try:
+        api.create_repo(settings.hub_repo_id, private=settings.hub_private, exist_ok=True)
+        remote = {}
+        for info in api.get_paths_info(settings.hub_repo_id, [p for p, _ in items]):
+            lfs = getattr(info, "lfs", None)
+            remote[info.path] = lfs.sha256 if lfs else getattr(info, "blob_id", None)
+        changed = [(path, item) for (path, item), entry in zip(items, plan)
+                   if remote.get(path) != (entry["sha256"] if isinstance(item, Path) else git_blob_sha1(item))]
+        if changed:
+            api.create_commit(settings.hub_repo_id, commit_message="cotune: verified GGUF, model card, Modelfile",
+                              operations=[CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(i) if
+                                                             isinstance(i, Path) else i) for p, i in changed])
+    except HfHubHTTPError as err:
+        status = getattr(err.response, "status_code", None)
+        if status in (401, 403):
+            raise UserError(f"the Hub refused HF_TOKEN ({status}): check that the token is valid and may write to "
+                            f"{settings.hub_repo_id}") from None
+        raise UserError(f"pushing to {settings.hub_repo_id} failed ({status}: {type(err).__name__}); run `make push` "
+                        "again, files already uploaded are not sent twice") from None
+    except OSError as err:
+        raise UserError(f"pushing to {settings.hub_repo_id} failed: the Hub is unreachable ({type(err).__name__}); "
+                        "run `make push` again when online") from None
+    return {"repo_id": settings.hub_repo_id, "dry_run": False, "files": plan, "uploaded": [p for p, _ in changed]}
