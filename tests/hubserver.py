@@ -50,7 +50,8 @@ class LocalHub:
                     repo_id = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
                     if repo_id in hub.repos:
                         return self._send(409, {"error": "You already created this model repo", "url": hub.url(repo_id)})
-                    hub.repos[repo_id] = {"private": bool(req.get("private")), "files": {}}
+                    private = req.get("visibility") == "private" or req.get("private") is True  # 1.x: visibility
+                    hub.repos[repo_id] = {"private": private, "files": {}}
                     return self._send(200, {"url": hub.url(repo_id)})
                 if self.path == "/api/validate-yaml":  # the client checks a README's front matter before committing
                     import yaml

@@ -18,9 +18,10 @@ from pathlib import Path
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 
 CONFIGS = {
-    # name: (backend, micro-batch, accumulation, what it is)
+    # name: (backend, micro-batch, accumulation, what it is); every one sees the same 8 sequences per optimizer step
     "unsloth-reference": ("unsloth", 2, 4, "the reference notebook's literal settings: Unsloth QLoRA, 2 x 4"),
-    "cotune-fast": ("unsloth", 8, 1, "cotune's fast preset: the same 8 sequences per optimizer step in one micro-batch"),
+    "cotune-fast": ("unsloth", 4, 2, "PRESET=fast: Unsloth QLoRA, 4 x 2"),
+    "unsloth-8x1": ("unsloth", 8, 1, "Unsloth QLoRA, 8 x 1 (fastest, more memory)"),
     "plain-reference": ("hf", 2, 4, "transformers + bitsandbytes + peft + trl, same recipe, 2 x 4"),
 }
 

@@ -42,7 +42,7 @@ def model_card(settings: Settings, export: dict, verify: dict, report: dict | No
     lines = [l for l in front if l] + [
         "", f"# {Path(q8).stem.removesuffix('-Q8_0')}", "",
         f"A LoRA fine-tune of `{s['base_model']}` on `{s['dataset']}` ({s['dataset_split']}), merged and converted "
-        "to GGUF by [cotune](https://github.com/). Verified with llama.cpp before upload.", "",
+        "to GGUF by cotune. Verified with llama.cpp before upload: the checks below ran on the Q8_0 file.", "",
         "## Training", "",
         f"LoRA r {s['lora_r']}, alpha {s['lora_alpha']} on {', '.join(s['target_modules'])}; {s['max_steps']} steps, "
         f"batch {s['batch_size']} x {s['grad_accum']}, learning rate {s['learning_rate']}, max length "

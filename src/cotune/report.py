@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 from pathlib import Path
 
 from .errors import UserError
@@ -240,7 +239,3 @@ def run_report_stage(settings: Settings) -> dict:
     write_text_atomic(out / "report.md", render_markdown(report, "loss.png"))
     write_text_atomic(out / "report.html", render_html(report, png))
     return report
-
-
-def finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
