@@ -24,7 +24,10 @@ SETUP_STAMP := $(VENV)/.cotune-setup
 export COTUNE_MAKE_VARS := $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))
 
 SETTINGS_PY := PYTHONPATH=src $(if $(wildcard $(PYTHON)),$(PYTHON),python3) scripts/settings.py
-RUN := $(shell $(SETTINGS_PY) get run_dir 2>/dev/null || echo artifacts)
+# make 4.3 gives $(shell) neither command-line nor exported variables: a RUN_DIR given to make is taken as is,
+# otherwise cotune resolves it (defaults, .env, environment).
+RUN_DIR ?=
+RUN := $(or $(RUN_DIR),$(shell $(SETTINGS_PY) get run_dir 2>/dev/null || echo artifacts))
 SETTING_NAMES := $(shell $(SETTINGS_PY) names 2>/dev/null)
 
 # Where the stages run: in the CUDA image when Docker can reach a GPU, else on the host (one line says which).

@@ -168,6 +168,7 @@ def run_train_stage(settings: Settings) -> dict:
     if (out / "run.json").is_file() and (out / "fingerprint.json").is_file() and \
             json.loads((out / "fingerprint.json").read_text()) == fingerprint:
         print(f"{out}: already trained with these settings and data; nothing to do")
+        (out / "run.json").touch()  # tells make this stage is current
         return json.loads((out / "run.json").read_text())
     resume_from = check_previous_run(settings, fingerprint)
 
