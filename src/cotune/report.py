@@ -21,13 +21,10 @@ def _load(path: Path, target: str) -> dict:
 
 
 def gguf_answers(gguf: Path, prompts: list[tuple[str, str, str]], max_tokens: int, close_tag: str) -> list[dict]:
-    """The GGUF answers each (kind, question, prompt), greedy, as verify asks."""
-    from .files import quiet_native_stderr
-    import llama_cpp
+    """The GGUF answers each (kind, question, prompt), greedy, loaded as verify loads it."""
+    from .verification import load_gguf
 
-    with quiet_native_stderr():
-        llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=0, verbose=False, seed=DECODING["seed"],
-                              n_gpu_layers=-1 if llama_cpp.llama_supports_gpu_offload() else 0)
+    llm, _ = load_gguf(gguf, n_ctx=0)  # 0: the model's training context
     out = []
     try:
         for kind, question, prompt in prompts:
