@@ -110,8 +110,13 @@ def bytes_per_weight(backend: Backend) -> float:
     return 0.6 if backend.load_in_4bit else {"fp32": 4, "bf16": 2, "fp16": 2}[backend.dtype]
 
 
-def load_for_training(settings: Settings, backend: Backend, model_path: Path):
-    """(model with LoRA adapters, tokenizer)."""
+OFFLOAD_EMBEDDING = {"auto": "auto", "true": True, "false": False}  # Unsloth's own "auto" sentinel
+
+
+def load_for_training(settings: Settings, backend: Backend, model_path: Path, *, kbit_upcast: bool = False):
+    """(model with LoRA adapters, tokenizer). On the plain stack a 4-bit base keeps its other weights in the compute
+    dtype, as trl's own QLoRA path does; `kbit_upcast` instead runs peft's `prepare_model_for_kbit_training`, which
+    keeps fp32 copies of every weight that isn't 4-bit (embeddings, head, norms) -- the benchmark measures both."""
     from .models import load_tokenizer, preflight_memory
 
     preflight_memory(model_path, bytes_per_weight(backend), "training", gpu=backend.device == "cuda")
@@ -121,7 +126,7 @@ def load_for_training(settings: Settings, backend: Backend, model_path: Path):
 
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=str(model_path), max_seq_length=settings.max_seq_length, dtype=backend.torch_dtype(),
-            load_in_4bit=backend.load_in_4bit)
+            load_in_4bit=backend.load_in_4bit, offload_embedding=OFFLOAD_EMBEDDING[settings.offload_embedding])
         model = FastLanguageModel.get_peft_model(
             model, r=settings.lora_r, target_modules=list(settings.target_modules), lora_alpha=settings.lora_alpha,
             lora_dropout=settings.lora_dropout, bias=settings.lora_bias,
@@ -134,10 +139,14 @@ def load_for_training(settings: Settings, backend: Backend, model_path: Path):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    if settings.offload_embedding == "true":
+        warn("OFFLOAD_EMBEDDING=true ignored: only the Unsloth backend keeps the embedding in host RAM")
     torch.manual_seed(settings.random_state)
     model = load_hf_model(model_path, backend)
     tokenizer = load_tokenizer(model_path)
-    if backend.load_in_4bit:  # checkpointing itself is switched on by the trainer (SFTConfig)
+    if backend.load_in_4bit and (kbit_upcast or backend.dtype == "fp16"):
+        # fp16 keeps peft's fp32 copies: fp16 norms and heads are where QLoRA's instabilities came from.
+        # Checkpointing itself is switched on by the trainer (SFTConfig).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                         bias=settings.lora_bias, target_modules=list(settings.target_modules),
