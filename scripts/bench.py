@@ -5,6 +5,9 @@ Hugging Face stack and the reference notebook's literal settings, one process pe
 The model is built with random weights in the configured architecture (Qwen3-8B's shape by default); rows have a
 lognormal length spread. Results: RUN_DIR/bench/bench.json and bench.md (naming the GPU). `--smoke` runs the plain
 stack on a tiny model on the CPU in seconds, to prove the harness.
+
+`--gguf FILE` instead times prompt processing and decoding of a GGUF through llama-cpp-python (on the GPU when the
+build offloads, else on the CPU; `--cpu` forces the CPU): RUN_DIR/bench/decode-<name>.json.
 """
 import argparse
 from pathlib import Path
@@ -23,11 +26,17 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per configuration [20; 4 smoke]")
     parser.add_argument("--warmup", type=int, default=None, help="first steps not timed [3; 1 smoke]")
     parser.add_argument("--run-dir", type=Path, default=Path("artifacts"))
+    parser.add_argument("--gguf", type=Path, default=None, help="time prompt processing and decoding of this GGUF")
+    parser.add_argument("--cpu", action="store_true", help="with --gguf: decode on the CPU even where a GPU offloads")
+    parser.add_argument("--threads", type=int, default=None, help="with --gguf: CPU threads [all cores]")
+    parser.add_argument("--new-tokens", type=int, default=256, help="with --gguf: tokens decoded per timing [256]")
     args = parser.parse_args(argv)
+    if args.gguf is not None:
+        return decode(args)
 
     import torch
 
-    from cotune.bench import CONFIGS, run_all
+    from cotune.bench import CONFIGS, DEFAULT_CONFIGS, run_all
     from cotune.models import resolve_model_path
     from cotune.randmodel import build
     from cotune.settings import EMBEDDED_MODEL
@@ -35,7 +44,7 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         raise UserError("no CUDA GPU: the benchmark measures GPU training; use --smoke on a CPU")
-    configs = args.configs.split(",") if args.configs else (["plain-reference"] if args.smoke else list(CONFIGS))
+    configs = args.configs.split(",") if args.configs else (["plain-reference"] if args.smoke else list(DEFAULT_CONFIGS))
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         raise UserError(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
@@ -50,6 +59,23 @@ def main(argv=None):
     rows, max_len, median = (32, 128, 64) if args.smoke else (400, 2048, 700)
     run_all(model, out, configs, steps, warmup, rows, max_len, median, cuda)
     print((out / "bench.md").read_text())
+
+
+def decode(args) -> None:
+    import json
+
+    from cotune.bench import decode_bench
+
+    result = decode_bench(args.gguf, gpu=not args.cpu, threads=args.threads, new_tokens=args.new_tokens)
+    out = args.run_dir / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"decode-{args.gguf.stem}{'-cpu' if not result['gpu_offload'] else '-gpu'}.json"
+    target.write_text(json.dumps(result, indent=1))
+    where = "GPU (all layers offloaded)" if result["gpu_offload"] else f"CPU, {result['threads']} threads"
+    print(f"{args.gguf.name} ({result['bytes'] / 2**30:.2f} GiB) on the {where}: load {result['load_s']:.1f} s, "
+          f"prompt {result['prompt_tokens_per_s']:.0f} tokens/s ({result['prompt_tokens']} tokens), decode "
+          f"{result['decode_tokens_per_s']:.1f} tokens/s ({result['decode_tokens']} tokens); llama-cpp-python "
+          f"{result['llama_cpp_python']} -> {target}")
 
 
 if __name__ == "__main__":

@@ -20,3 +20,28 @@ def test_bench_smoke_writes_figures_and_a_table(tmp_path):
 def test_bench_refuses_the_gpu_run_without_a_gpu(tmp_path):
     proc = run_script("bench", "--run-dir", str(tmp_path), env=script_env(tmp_path))
     assert proc.returncode == 2 and "error: no CUDA GPU: the benchmark measures GPU training; use --smoke" in proc.stderr
+
+
+def test_every_configuration_trains_the_same_8_sequences_per_step():
+    """The comparison is only fair if each configuration learns the same thing: 8 sequences per optimizer step, the
+    reference recipe's LoRA; only speed and memory knobs differ."""
+    from pathlib import Path
+
+    from cotune.bench import CONFIGS, DEFAULT_CONFIGS
+    from cotune.settings import resolve
+
+    reference = resolve({}, environ={}, dotenv_path=Path("/nonexistent"))
+    for name, (backend, overrides, _) in CONFIGS.items():
+        values = {k: str(v) for k, v in overrides.items() if k != "kbit_upcast"}
+        s = resolve(values, environ={}, dotenv_path=Path("/nonexistent"))
+        assert s.batch_size * s.grad_accum == 8, name
+        assert (s.lora_r, s.target_modules, s.learning_rate, s.load_in_4bit) == (
+            reference.lora_r, reference.target_modules, reference.learning_rate, reference.load_in_4bit), name
+    assert resolve({"preset": "fast"}, environ={}, dotenv_path=Path("/nonexistent")).offload_embedding == "true"
+    assert {"cotune-fast", "unsloth-reference", "plain-reference"} <= set(DEFAULT_CONFIGS)
+
+
+def test_decode_bench_refuses_a_missing_gguf(tmp_path):
+    proc = run_script("bench", "--gguf", str(tmp_path / "nope.gguf"), "--run-dir", str(tmp_path),
+                      env=script_env(tmp_path))
+    assert proc.returncode == 2 and "no such file" in proc.stderr and "Traceback" not in proc.stderr

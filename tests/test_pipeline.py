@@ -69,6 +69,20 @@ def test_gguf_files_and_metadata(demo_run):
     from cotune.files import sha256_file
 
     assert record["ggufs"]["Q8_0"]["sha256"] == sha256_file(q8)
+    assert set(record["seconds"]) == {"merge", "convert_F16", "convert_Q8_0", "quantize_Q4_K_M", "sha256"}
+    assert all(v > 0 for v in record["seconds"].values()), record["seconds"]
+
+
+def test_decode_bench_times_the_q8_0(demo_run, tmp_path):
+    q8 = demo_run["run"] / "export" / "SmolLM2-135M-Instruct-cotune-Q8_0.gguf"
+    proc = run_script("bench", "--gguf", str(q8), "--run-dir", str(tmp_path), "--new-tokens", "48",
+                      env=demo_run["env"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "bench" / "decode-SmolLM2-135M-Instruct-cotune-Q8_0-cpu.json").read_text())
+    # EOS is masked, so the trained model (which stops after ~250 tokens) still decodes every token asked for
+    assert result["decode_tokens"] == 48 and not result["gpu_offload"]
+    assert result["decode_tokens_per_s"] > 0 and result["prompt_tokens_per_s"] > 0 and result["prompt_tokens"] == 512
+    assert "on the CPU" in proc.stdout and "decode" in proc.stdout
 
 
 def test_verify_passes_on_the_q8_0(demo_run):

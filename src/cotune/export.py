@@ -6,6 +6,7 @@ import errno
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .errors import UserError, warn
@@ -124,10 +125,13 @@ def run_export_stage(settings: Settings) -> dict:
         raise UserError(f"{adapter}: no trained adapter; run `make train` first")
     base = resolve_model_path(settings.base_model)
     template = load_template(settings.template)
+    import torch
+
     n_params = count_parameters(base)
-    preflight_memory(base, bytes_per_weight=4, what="the merge")  # merged in fp32 on a CPU (bf16 on a GPU)
+    merge_bytes = 2 if torch.cuda.is_available() else 4  # merged in bf16/fp16 on a GPU, fp32 on a CPU
+    preflight_memory(base, bytes_per_weight=merge_bytes, what="the merge", gpu=torch.cuda.is_available())
     if settings.disk_check:
-        check_disk(settings, n_params, merge_bytes_per_weight=4)
+        check_disk(settings, n_params, merge_bytes_per_weight=merge_bytes)
     try:
         return _export(settings, out, base, adapter, template, n_params)
     except Exception as err:
@@ -146,7 +150,10 @@ def is_disk_full(err: BaseException) -> bool:
 
 def _export(settings: Settings, out: Path, base: Path, adapter: Path, template, n_params: int) -> dict:
     merged = out / "merged"
+    seconds: dict[str, float] = {}
+    t0 = time.monotonic()
     merge = merge_adapter(settings, base, adapter, merged, template.chat_template())
+    seconds["merge"] = time.monotonic() - t0
 
     files: dict[str, Path] = {}
     wanted = list(dict.fromkeys(settings.gguf_quants))
@@ -156,17 +163,23 @@ def _export(settings: Settings, out: Path, base: Path, adapter: Path, template, 
     for quant in ("F16", "Q8_0"):
         if quant in wanted or (quant == "F16" and intermediate):
             target = gguf_path(settings, quant) if quant in wanted else intermediate
+            t0 = time.monotonic()
             convert_to_gguf(merged, target, quant)
+            seconds[f"convert_{quant}"] = time.monotonic() - t0
             files[quant] = target
     if "Q4_K_M" in wanted:
+        t0 = time.monotonic()
         quantize_gguf(files["F16"], gguf_path(settings, "Q4_K_M"), "Q4_K_M")
+        seconds["quantize_Q4_K_M"] = time.monotonic() - t0
         files["Q4_K_M"] = gguf_path(settings, "Q4_K_M")
     if intermediate:
         intermediate.unlink(missing_ok=True)
         files.pop("F16")
+    t0 = time.monotonic()
     ggufs = {q: {"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for q, p in files.items()}
+    seconds["sha256"] = time.monotonic() - t0
     return write_run_record(out, settings.public_dict(), {"adapter": adapter, "base_model": base},
                             {"merged": merged, **{f"gguf_{q}": p for q, p in files.items()}},
-                            extra={"merge": merge, "ggufs": ggufs, "n_params": n_params,
+                            extra={"merge": merge, "ggufs": ggufs, "n_params": n_params, "seconds": seconds,
                                    "chat_template": template.chat_template(),
                                    "prompt_for_probe": template.prompt(settings.probe_question)})

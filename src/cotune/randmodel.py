@@ -14,7 +14,7 @@ SHAPES = {
 }
 
 
-def build(shape: str, tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
+def build(shape: str, tokenizer_dir: Path, out: Path, seed: int = 0, adapter: Path | None = None) -> Path:
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
@@ -34,7 +34,28 @@ def build(shape: str, tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(f, out / f.name)
     print(f"{shape}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M random weights -> {out}")
+    if adapter is not None:
+        save_random_adapter(model, out, adapter, seed)
     return out
+
+
+def save_random_adapter(model, base: Path, adapter: Path, seed: int) -> None:
+    """A LoRA adapter of the reference recipe's shape (r 16, the seven projections) with random non-zero weights,
+    so that timing the export (merge, conversion) needs no training run first."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 1e-3)
+    peft_model.peft_config["default"].base_model_name_or_path = str(base)
+    peft_model.save_pretrained(adapter)
+    print(f"random LoRA adapter -> {adapter}")
 
 
 def main() -> None:
@@ -42,8 +63,9 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-tiny")
     parser.add_argument("--tokenizer", type=Path, required=True, help="folder with a tokenizer llama.cpp knows")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--adapter", type=Path, default=None, help="also write a random LoRA adapter (r 16) here")
     args = parser.parse_args()
-    build(args.shape, args.tokenizer, args.out)
+    build(args.shape, args.tokenizer, args.out, adapter=args.adapter)
 
 
 if __name__ == "__main__":

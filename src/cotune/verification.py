@@ -29,14 +29,16 @@ def check_gguf_file(path: Path) -> None:
                         "by `make export`")
 
 
-def load_gguf(path: Path, n_ctx: int):
+def load_gguf(path: Path, n_ctx: int, *, gpu: bool = True, threads: int | None = None, n_batch: int = 512):
+    """(llama, on_gpu): every layer on the GPU where this llama-cpp-python build offloads and `gpu` allows."""
     import llama_cpp
 
-    gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    gpu = gpu and bool(llama_cpp.llama_supports_gpu_offload())
+    threads = threads or max(1, os.cpu_count() or 1)
     try:
         with quiet_native_stderr():
             llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=-1 if gpu else 0, seed=3407,
-                                  verbose=False, n_threads=max(1, os.cpu_count() or 1))
+                                  verbose=False, n_threads=threads, n_threads_batch=threads, n_batch=n_batch)
     except (ValueError, RuntimeError) as err:
         raise UserError(f"GGUF={path}: llama.cpp can't load it ({err}); the file is truncated or corrupt, export "
                         "it again") from None
