@@ -22,19 +22,17 @@ def _load(path: Path, target: str) -> dict:
 
 def gguf_answers(gguf: Path, prompts: list[tuple[str, str, str]], max_tokens: int, close_tag: str) -> list[dict]:
     """The GGUF answers each (kind, question, prompt), greedy, loaded as verify loads it."""
-    from .verification import load_gguf
+    from .verification import answer_greedy, load_gguf
 
     llm, _ = load_gguf(gguf, n_ctx=0)  # 0: the model's training context
     out = []
     try:
         for kind, question, prompt in prompts:
-            budget = min(max_tokens, llm.n_ctx() - len(llm.tokenize(prompt.encode(), add_bos=False, special=True)) - 1)
-            c = llm.create_completion(prompt, max_tokens=budget, temperature=0.0, top_k=1, seed=DECODING["seed"])
-            choice = c["choices"][0]
-            out.append({"kind": kind, "question": question, "answer": choice["text"],
-                        "completion_tokens": c["usage"]["completion_tokens"],
-                        "stopped_on_eos": choice["finish_reason"] == "stop",
-                        "closed_reasoning": close_tag in choice["text"]})
+            reply = answer_greedy(llm, prompt, max_tokens)
+            out.append({"kind": kind, "question": question, "answer": reply["text"],
+                        "completion_tokens": reply["completion_tokens"],
+                        "stopped_on_eos": reply["finish_reason"] == "stop",
+                        "closed_reasoning": close_tag in reply["text"]})
     finally:
         llm.close()
     return out

@@ -62,6 +62,22 @@ def render_chat_template(chat_template: str, question: str) -> str:
                                                  add_generation_prompt=True, bos_token="", eos_token="")
 
 
+GREEDY = {"temperature": 0.0, "top_k": 1, "seed": 3407}
+
+
+def answer_greedy(llm, prompt: str, max_tokens: int) -> dict:
+    """One greedy answer, as verify and the report both ask it: the token budget is `max_tokens`, cut to what the
+    context leaves after the prompt (at least 16)."""
+    n_prompt = len(llm.tokenize(prompt.encode(), add_bos=False, special=True))
+    budget = max(16, min(max_tokens, llm.n_ctx() - n_prompt - 1))
+    start = time.monotonic()
+    completion = llm.create_completion(prompt, max_tokens=budget, **GREEDY)
+    choice = completion["choices"][0]
+    return {"text": choice["text"], "finish_reason": choice["finish_reason"], "budget": budget,
+            "prompt_tokens": n_prompt, "completion_tokens": completion["usage"]["completion_tokens"],
+            "seconds": time.monotonic() - start}
+
+
 def verify_gguf(path: Path, template: PromptTemplate, question: str, max_tokens: int) -> dict:
     check_gguf_file(path)
     prompt = template.prompt(question)
@@ -94,14 +110,9 @@ def verify_gguf(path: Path, template: PromptTemplate, question: str, max_tokens:
         else:
             check("EOS id matches the HF tokenizer", eos_id == want, f"GGUF {eos_id}, HF tokenizer {want} ({source})")
 
-        n_prompt = len(llm.tokenize(prompt.encode(), add_bos=False, special=True))
-        budget = max(16, min(max_tokens, n_ctx - n_prompt - 1))
-        start = time.monotonic()
-        completion = llm.create_completion(prompt, max_tokens=budget, temperature=0.0, top_k=1, seed=3407)
-        seconds = time.monotonic() - start
-        choice = completion["choices"][0]
-        answer, finish = choice["text"], choice["finish_reason"]
-        n_tokens = completion["usage"]["completion_tokens"]
+        reply = answer_greedy(llm, prompt, max_tokens)
+        answer, finish, budget = reply["text"], reply["finish_reason"], reply["budget"]
+        n_tokens, n_prompt, seconds = reply["completion_tokens"], reply["prompt_tokens"], reply["seconds"]
         check("answer is not empty", bool(answer.strip()), f"{len(answer.strip())} characters")
         check("stopped on EOS before the token limit", finish == "stop" and n_tokens < budget,
               f"finish_reason {finish!r} after {n_tokens} of at most {budget} tokens")
@@ -120,7 +131,7 @@ def verify_gguf(path: Path, template: PromptTemplate, question: str, max_tokens:
         "question": question, "prompt": prompt, "answer": answer, "finish_reason": finish,
         "completion_tokens": n_tokens, "prompt_tokens": n_prompt, "seconds": round(seconds, 2),
         "tokens_per_s": round(n_tokens / seconds, 1) if seconds > 0 else None,
-        "decoding": {"temperature": 0.0, "top_k": 1, "max_tokens": budget, "seed": 3407},
+        "decoding": {**GREEDY, "max_tokens": budget},
         "checks": checks, "passed": passed, "verified_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
