@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from conftest import SCRIPTS, script_env
+from conftest import SCRIPTS, assert_user_error, run_script, script_env
 
 STAGES = sorted(p.stem for p in SCRIPTS.glob("*.py"))
 
@@ -26,3 +26,16 @@ def test_help_is_fast_and_imports_nothing_heavy(name):
     assert proc.returncode == 0, proc.stderr
     assert "usage:" in proc.stdout
     assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("offline, fragment", [
+    ("1", "not in the Hugging Face cache"),  # HF_HUB_OFFLINE=1: never tries the network
+    ("0", "the Hub is unreachable"),  # online setting, but the Hub can't be reached (a closed local port)
+])
+def test_a_hub_model_that_cannot_be_had_is_one_line(tmp_path, offline, fragment):
+    env = script_env(tmp_path, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE=offline,
+                     HF_ENDPOINT="http://127.0.0.1:9", NO_PROXY="127.0.0.1")
+    proc = run_script("ask", "baseline", "--run-dir", str(tmp_path / "run"), "--base-model", "nobody/no-such-model",
+                      env=env, timeout=300)
+    assert_user_error(proc, "BASE_MODEL='nobody/no-such-model'", fragment, "give a local folder")
+    assert not (tmp_path / "run" / "baseline" / "answers.json").exists()
