@@ -69,7 +69,7 @@ def decode(args) -> None:
     result = decode_bench(args.gguf, gpu=not args.cpu, threads=args.threads, new_tokens=args.new_tokens)
     out = args.run_dir / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    target = out / f"decode-{args.gguf.stem}{'-cpu' if not result['gpu_offload'] else '-gpu'}.json"
+    target = out / f"decode-{args.gguf.stem}{'-gpu' if result['gpu_offload'] else '-cpu'}.json"
     target.write_text(json.dumps(result, indent=1))
     where = "GPU (all layers offloaded)" if result["gpu_offload"] else f"CPU, {result['threads']} threads"
     print(f"{args.gguf.name} ({result['bytes'] / 2**30:.2f} GiB) on the {where}: load {result['load_s']:.1f} s, "

@@ -84,6 +84,7 @@ def worker(args) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from .backends import choose_backend, gradient_checkpointing_value, load_for_training
+    from .models import count_parameters
     from .settings import resolve
 
     cli = {"base_model": args.model, "backend": backend_name, "max_steps": str(args.steps), "warmup_steps": "0",
@@ -94,6 +95,7 @@ def worker(args) -> dict:
     settings = resolve(cli, environ={}, dotenv_path=Path("/nonexistent"))
     batch, accum = settings.batch_size, settings.grad_accum
     backend = choose_backend(settings, quiet=True)
+    checkpointing = gradient_checkpointing_value(settings, backend)
     model, tokenizer = load_for_training(settings, backend, Path(args.model), kbit_upcast=kbit_upcast)
     lengths = synthetic_lengths(args.rows, args.max_len, seed=0, median=args.median)
     rng = random.Random(1)
@@ -104,7 +106,7 @@ def worker(args) -> dict:
                        learning_rate=2e-4, lr_scheduler_type="constant", optim=backend.optim, seed=3407,
                        logging_steps=1, save_strategy="no", report_to="none", bf16=backend.dtype == "bf16",
                        use_cpu=not args.cuda, dataloader_drop_last=True, data_seed=3407,
-                       gradient_checkpointing=backend.name == "hf" and settings.gradient_checkpointing != "false",
+                       gradient_checkpointing=backend.name == "hf" and checkpointing is True,
                        gradient_checkpointing_kwargs={"use_reentrant": False},
                        include_num_input_tokens_seen="non_padding")
     steps: list[dict] = []
@@ -138,14 +140,13 @@ def worker(args) -> dict:
     timed = steps[args.warmup:]
     tokens, seconds = sum(s["tokens"] for s in timed), sum(s["seconds"] for s in timed)
     base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # The model's own weights (transformers counts 4-bit weights unpacked), LoRA adapters not counted.
-    n_params = base_model.num_parameters() - sum(p.numel() for n, p in base_model.named_parameters() if "lora_" in n)
+    n_params = count_parameters(Path(args.model))  # the checkpoint's own weights, LoRA adapters not counted
     unsloth_mfu = [s["train_mfu"] for s in timed if "train_mfu" in s]
     unsloth_hfu = [s["train_hfu"] for s in timed if "train_hfu" in s]
     result = {
         "config": args.config, "description": description, "backend": backend.name,
         "micro_batch": batch, "grad_accum": accum,
-        "gradient_checkpointing": str(gradient_checkpointing_value(settings, backend)).lower(),
+        "gradient_checkpointing": str(checkpointing).lower(),
         "embedding_device": str(base_model.get_input_embeddings().weight.device.type),
         "steps_timed": len(timed), "warmup_steps_excluded": args.warmup, "steps": args.steps, "rows": args.rows,
         "max_len": args.max_len, "median": args.median, "host": platform.node(),
@@ -259,7 +260,7 @@ def decode_bench(gguf: Path, *, gpu: bool, threads: int | None, new_tokens: int 
     load_s = time.perf_counter() - start
     try:
         eos = llm.token_eos()
-        ids = [t for t in range(3, 3 + prompt_tokens)]  # fixed ids: the length is what counts, not the text
+        ids = list(range(3, 3 + prompt_tokens))  # fixed ids: the length is what counts, not the text
         no_eos = {eos: -1e9} if eos is not None and eos >= 0 else None
 
         def one(n_prompt: int, n_new: int) -> tuple[float, int]:

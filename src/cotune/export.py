@@ -128,8 +128,9 @@ def run_export_stage(settings: Settings) -> dict:
     import torch
 
     n_params = count_parameters(base)
-    merge_bytes = 2 if torch.cuda.is_available() else 4  # merged in bf16/fp16 on a GPU, fp32 on a CPU
-    preflight_memory(base, bytes_per_weight=merge_bytes, what="the merge", gpu=torch.cuda.is_available())
+    cuda = torch.cuda.is_available()
+    merge_bytes = 2 if cuda else 4  # merged in bf16/fp16 on a GPU, fp32 on a CPU, as merge_adapter does
+    preflight_memory(base, bytes_per_weight=merge_bytes, what="the merge", gpu=cuda)
     if settings.disk_check:
         check_disk(settings, n_params, merge_bytes_per_weight=merge_bytes)
     try:

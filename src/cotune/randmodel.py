@@ -40,13 +40,16 @@ def build(shape: str, tokenizer_dir: Path, out: Path, seed: int = 0, adapter: Pa
 
 
 def save_random_adapter(model, base: Path, adapter: Path, seed: int) -> None:
-    """A LoRA adapter of the reference recipe's shape (r 16, the seven projections) with random non-zero weights,
-    so that timing the export (merge, conversion) needs no training run first."""
+    """A LoRA adapter of the reference recipe's shape (its rank, alpha and target modules) with random non-zero
+    weights, so that timing the export (merge, conversion) needs no training run first."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    from .settings import Settings
+
+    recipe = Settings()  # the defaults: the reference recipe
+    config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
+                        target_modules=list(recipe.target_modules))
     peft_model = get_peft_model(model, config)
     torch.manual_seed(seed + 1)
     with torch.no_grad():

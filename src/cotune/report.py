@@ -10,8 +10,7 @@ from pathlib import Path
 from .errors import UserError
 from .files import atomic_path, write_json_atomic, write_text_atomic
 from .settings import Settings
-
-DECODING = {"temperature": 0.0, "top_k": 1, "seed": 3407}
+from .verification import GREEDY
 
 
 def _load(path: Path, target: str) -> dict:
@@ -126,7 +125,7 @@ def collect(settings: Settings) -> dict:
         "fidelity": fidelity,
         "verify_passed": verify["passed"],
         "verify_checks": verify["checks"],
-        "decoding": {"greedy": True, **DECODING},
+        "decoding": {"greedy": True, **GREEDY},
     }
 
 
