@@ -15,13 +15,36 @@ export COTUNE_ENV_FILE := $(ENV_FILE)
 DRY_RUN ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
-IMAGE ?= cotune:$(VERSION)
-CUDA_ARCHITECTURES ?= 80;86;89;90
 HF_CACHE ?= $(or $(HF_HOME),$(HOME)/.cache/huggingface)
 SETUP_STAMP := $(VENV)/.cotune-setup
+comma := ,
+
+# The image: FLAVOR=cuda (GPU servers) or cpu (the same stages without a GPU). WHEELS: a site wheelhouse offered to
+# the build before the index; CA_BUNDLE: a CA bundle for pip behind a TLS-inspecting proxy (a build secret, never
+# in the image). DOCKER: the client (BuildKit needed: Docker 23+, or DOCKER_BUILDKIT=1 with Docker 20.10).
+DOCKER ?= docker
+FLAVOR ?= cuda
+IMAGE ?= cotune:$(VERSION)$(if $(filter cpu,$(FLAVOR)),-cpu)
+WHEELS ?=
+CA_BUNDLE ?=
+TORCH_INDEX ?= default
+DEBIAN_IMAGE ?= debian:bookworm-slim
+CUDA_DEVEL_IMAGE ?= nvidia/cuda:13.0.1-cudnn-devel-ubuntu24.04
+CUDA_RUNTIME_IMAGE ?= nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+CUDA_ARCHITECTURES ?= 80;86;89;90
+DOCKER_USER ?= $(shell id -u):$(shell id -g)
+COTUNE_SKIP_PREFLIGHT ?=
+ifeq ($(filter $(FLAVOR),cuda cpu),)
+  $(error FLAVOR=$(FLAVOR): choose cuda or cpu)
+endif
+
 # Settings given on make's command line reach the scripts through the environment; their names go along so a
-# misspelled one (MAX_STEP=10) is refused like a misspelled key in .env.
-export COTUNE_MAKE_VARS := $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))
+# misspelled one (MAX_STEP=10) is refused like a misspelled key in .env. The Makefile's own variables are not
+# settings.
+MAKE_OWN_VARS := VENV PYTHON RUN_IN GGUF HF_HOME ENV_FILE DRY_RUN PYTEST_ARGS BENCH_ARGS HF_CACHE DOCKER FLAVOR IMAGE \
+	WHEELS CA_BUNDLE TORCH_INDEX DEBIAN_IMAGE CUDA_DEVEL_IMAGE CUDA_RUNTIME_IMAGE CUDA_ARCHITECTURES DOCKER_USER \
+	COTUNE_SKIP_PREFLIGHT
+export COTUNE_MAKE_VARS := $(filter-out $(MAKE_OWN_VARS),$(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))))
 
 SETTINGS_PY := PYTHONPATH=src $(if $(wildcard $(PYTHON)),$(PYTHON),python3) scripts/settings.py
 # make 4.3 gives $(shell) neither command-line nor exported variables: a RUN_DIR given to make is taken as is,
@@ -30,9 +53,9 @@ RUN_DIR ?=
 RUN := $(or $(RUN_DIR),$(shell $(SETTINGS_PY) get run_dir 2>/dev/null || echo artifacts))
 SETTING_NAMES := $(shell $(SETTINGS_PY) names 2>/dev/null)
 
-# Where the stages run: in the CUDA image when Docker can reach a GPU, else on the host (one line says which).
+# Where the stages run: in the image when Docker can reach a GPU, else on the host (one line says which).
 ifeq ($(RUN_IN),)
-  DOCKER_GPU := $(shell command -v docker >/dev/null 2>&1 && docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q nvidia && command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+  DOCKER_GPU := $(shell command -v $(DOCKER) >/dev/null 2>&1 && $(DOCKER) info --format '{{json .Runtimes}}' 2>/dev/null | grep -q nvidia && command -v nvidia-smi >/dev/null 2>&1 && echo yes)
   WHERE := $(if $(DOCKER_GPU),docker,host)
   WHY := $(if $(DOCKER_GPU),Docker with the NVIDIA runtime and a GPU found,no Docker engine with GPU support found)
 else
@@ -43,22 +66,29 @@ ifeq ($(filter $(WHERE),docker host),)
   $(error RUN_IN=$(RUN_IN): choose docker or host)
 endif
 
-# Secrets travel by name only (-e NAME, --env-file): never as a value on a command line.
-DOCKER_RUN = docker run --rm --gpus all --ipc=host --user "$$(id -u):$$(id -g)" \
-	-v "$(abspath $(RUN))":/work/run -v "$(HF_CACHE)":/hf-cache -e HF_HOME=/hf-cache \
-	$(if $(wildcard $(ENV_FILE)),--env-file "$(ENV_FILE)") \
-	$(foreach n,$(filter-out RUN_DIR,$(SETTING_NAMES)) HF_HUB_OFFLINE COTUNE_MAKE_VARS,-e $(n)) \
-	-e RUN_DIR=/work/run $(IMAGE) python /opt/cotune/scripts/
-HOST_RUN = $(PYTHON) scripts/
+# A stage in the container: the caller's user ids (outputs belong to the caller), the run folder and the Hugging
+# Face cache mounted, the project read-only at its own path (relative DATASET/TEMPLATE paths resolve as on the
+# host), cotune reading the same .env itself, and settings passed by name only (-e NAME): no value, so no secret,
+# on a command line. GPUs for the cuda flavor only.
+ENV_PATH := $(abspath $(ENV_FILE))
+DOCKER_RUN = $(DOCKER) run --rm --init --ipc=host $(if $(filter cuda,$(FLAVOR)),--gpus all) --user "$(DOCKER_USER)" \
+	-v "$(abspath $(RUN))":/work/run -v "$(HF_CACHE)":/hf-cache -v "$(CURDIR)":"$(CURDIR)":ro -w "$(CURDIR)" \
+	$(if $(wildcard $(ENV_FILE)),-v "$(ENV_PATH)":"$(ENV_PATH)":ro) -e COTUNE_ENV_FILE="$(ENV_PATH)" \
+	$(foreach n,$(filter-out RUN_DIR,$(SETTING_NAMES)) HF_HUB_OFFLINE HF_ENDPOINT COTUNE_MAKE_VARS COTUNE_SKIP_PREFLIGHT,-e $(n)) \
+	-e RUN_DIR=/work/run
+# $(call stage,SCRIPT ARGS[,DOCKER OPTIONS]): run one stage script where the stages run.
 ifeq ($(WHERE),docker)
-  STAGE = $(DOCKER_RUN)
-  STAGE_DEPS :=
+  stage = $(DOCKER_RUN) $(2) --label cotune.stage=$(basename $(firstword $(1))) $(IMAGE) python /opt/cotune/scripts/$(1)
+  STAGE_DEPS := docker-ready
+  STAMP = $(DOCKER_RUN) $(IMAGE) python /opt/cotune/scripts/settings.py stamp $(1) /work/run/.stamps/$(1).json
 else
-  STAGE = $(HOST_RUN)
+  stage = $(PYTHON) scripts/$(1)
   STAGE_DEPS := $(SETUP_STAMP)
+  STAMP = $(SETTINGS_PY) stamp $(1) $(RUN)/.stamps/$(1).json
 endif
 
-.PHONY: help where setup data baseline train after export verify report push all demo bench test image clean FORCE
+.PHONY: help where setup data baseline train after export verify report push all demo bench test test-fast \
+	test-deps image docker-ready clean FORCE
 
 help: ## show this help
 	@echo "cotune $(VERSION): LoRA fine-tune -> merged model -> verified GGUF. Targets:"
@@ -78,26 +108,33 @@ setup: $(SETUP_STAMP) ## build .venv (CPU torch, llama-cpp-python from source, l
 
 # A stage's settings stamp is rewritten only when what decides that stage changed, so stages rerun only then.
 $(RUN)/.stamps/%.json: FORCE | $(STAGE_DEPS)
-	@$(SETTINGS_PY) stamp $* $@
+	@$(call STAMP,$*)
 
 where:
 	@echo "cotune: stages run on the $(WHERE) ($(WHY))"
 
+# In the container: the image must be there, and the folders it mounts must exist before Docker would create them
+# as root.
+docker-ready:
+	@$(DOCKER) image inspect $(IMAGE) >/dev/null 2>&1 || { echo "error: image $(IMAGE) not found; build it with \
+	make image FLAVOR=$(FLAVOR) (or name another with IMAGE=...)" >&2; exit 2; }
+	@mkdir -p "$(abspath $(RUN))" "$(HF_CACHE)"
+
 $(RUN)/data/run.json: $(RUN)/.stamps/data.json | $(STAGE_DEPS) where
-	$(STAGE)data.py
+	$(call stage,data.py)
 $(RUN)/baseline/run.json: $(RUN)/data/run.json $(RUN)/.stamps/baseline.json | $(STAGE_DEPS) where
-	$(STAGE)ask.py baseline
+	$(call stage,ask.py baseline)
 $(RUN)/train/run.json: $(RUN)/data/run.json $(RUN)/.stamps/train.json | $(STAGE_DEPS) where
-	$(STAGE)train.py
+	$(call stage,train.py)
 $(RUN)/after/run.json: $(RUN)/train/run.json $(RUN)/.stamps/after.json | $(STAGE_DEPS) where
-	$(STAGE)ask.py after
+	$(call stage,ask.py after)
 $(RUN)/export/run.json: $(RUN)/train/run.json $(RUN)/.stamps/export.json | $(STAGE_DEPS) where
-	$(STAGE)export.py
+	$(call stage,export.py)
 $(RUN)/verify/report.json: $(RUN)/export/run.json $(RUN)/.stamps/verify.json | $(STAGE_DEPS) where
-	$(STAGE)verify.py
+	$(call stage,verify.py)
 
 $(RUN)/report/report.html: $(RUN)/baseline/run.json $(RUN)/after/run.json $(RUN)/verify/report.json | $(STAGE_DEPS) where
-	$(STAGE)report.py
+	$(call stage,report.py)
 
 data: $(RUN)/data/run.json ## render the dataset with the prompt template into train/eval JSONL
 baseline: $(RUN)/baseline/run.json ## the base model answers the probe question (before training)
@@ -110,29 +147,52 @@ all: $(RUN)/report/report.html ## every stage through verify, and the report
 ifeq ($(GGUF),)
 verify: $(RUN)/verify/report.json ## check the Q8_0 GGUF answers in the trained form (GGUF=path: any file)
 else
-verify: $(STAGE_DEPS)
-	$(HOST_RUN)verify.py --gguf "$(GGUF)"
+GGUF_PATH := $(abspath $(GGUF))
+verify: $(STAGE_DEPS) where
+	$(call stage,verify.py --gguf "$(GGUF_PATH)",-v "$(dir $(GGUF_PATH))":"$(dir $(GGUF_PATH))")
 endif
 
+# The demo runs on the host unless RUN_IN says otherwise (RUN_IN=docker: every stage in the image).
 DEMO_RUN := artifacts/demo
-demo: $(SETUP_STAMP) ## run every stage on the embedded model and the sample data (CPU, about 5 minutes)
+demo: ## run every stage on the embedded model and the sample data (CPU, about 5 minutes)
 	@mkdir -p $(DEMO_RUN)
-	@$(MAKE) all RUN_IN=host PRESET=demo RUN_DIR=$(DEMO_RUN) 2>&1 | tee $(DEMO_RUN)/demo.log
+	@$(MAKE) all RUN_IN=$(or $(RUN_IN),host) PRESET=demo RUN_DIR=$(DEMO_RUN) 2>&1 | tee $(DEMO_RUN)/demo.log
 	@echo "--- time per stage ---"; grep -E '^\[[a-z]+\] done in' $(DEMO_RUN)/demo.log || echo "(every stage was up to date)"
 	@echo "GGUF: $$(ls $(DEMO_RUN)/export/*-Q8_0.gguf)"
 	@echo "report: $(DEMO_RUN)/report/report.html (Markdown: $(DEMO_RUN)/report/report.md)"
 
 push: $(RUN)/report/report.html ## upload the verified GGUFs, model card and Modelfile to HUB_REPO_ID (DRY_RUN=1: list only)
-	$(STAGE)push.py $(if $(DRY_RUN),--dry-run)
+	$(call stage,push.py $(if $(DRY_RUN),--dry-run))
 
 bench: $(STAGE_DEPS) ## training speed and memory: cotune vs the plain HF stack (GPU; BENCH_ARGS=--smoke on a CPU)
-	$(STAGE)bench.py --run-dir $(if $(filter docker,$(WHERE)),/work/run,$(RUN)) $(BENCH_ARGS)
+	$(call stage,bench.py --run-dir $(if $(filter docker,$(WHERE)),/work/run,$(RUN)) $(BENCH_ARGS))
 
-test: $(SETUP_STAMP) ## run the test suite (CPU; GPU tests skip with their reason)
+# What the suite needs from the system: installed with apt where this is root on Debian/Ubuntu; elsewhere the tests
+# that need a missing one skip and say why (in CI they fail instead).
+TEST_SYSTEM_PACKAGES := chromium docker.io debootstrap
+test-deps:
+	@missing="$$(for p in $(TEST_SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done | xargs)"; \
+	if [[ -z "$$missing" ]]; then exit 0; fi; \
+	if [[ "$$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then \
+	  echo "installing what the tests need: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else echo "WARNING: not installed: $$missing (installing needs root and apt); the tests that need them skip"; fi
+
+test: $(SETUP_STAMP) test-deps ## the whole test suite, what CI runs (CPU; GPU tests skip with their reason)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
-image: ## build the CUDA image (Unsloth, llama-cpp-python with CUDA) tagged cotune:VERSION
-	docker build --build-arg CUDA_ARCHITECTURES="$(CUDA_ARCHITECTURES)" -t $(IMAGE) .
+test-fast: $(SETUP_STAMP) ## the unit level while you work: no training, no image (about a minute)
+	$(PYTHON) -m pytest -m "not slow and not docker and not network" $(PYTEST_ARGS)
+
+image: ## build the image: FLAVOR=cuda (default, GPU servers) or cpu; WHEELS=DIR, CA_BUNDLE=FILE (see README)
+	@rm -rf docker/wheels && mkdir -p docker/wheels
+	$(if $(WHEELS),cp $(WHEELS)/*.whl docker/wheels/)
+	DOCKER_BUILDKIT=1 $(DOCKER) build --build-arg FLAVOR=$(FLAVOR) --build-arg TORCH_INDEX="$(TORCH_INDEX)" \
+	  --build-arg DEBIAN_IMAGE=$(DEBIAN_IMAGE) --build-arg CUDA_DEVEL_IMAGE=$(CUDA_DEVEL_IMAGE) \
+	  --build-arg CUDA_RUNTIME_IMAGE=$(CUDA_RUNTIME_IMAGE) --build-arg CUDA_ARCHITECTURES="$(CUDA_ARCHITECTURES)" \
+	  $(if $(CA_BUNDLE),--secret id=ca_bundle$(comma)src="$(abspath $(CA_BUNDLE))") -t $(IMAGE) .
+	@rm -rf docker/wheels
+	@echo "image $(IMAGE): $$($(DOCKER) image inspect -f '{{.Size}}' $(IMAGE) | awk '{printf "%.2f GB", $$1/1e9}')"
 
 clean: ## remove run outputs (artifacts/); keeps .venv and caches
 	rm -rf artifacts

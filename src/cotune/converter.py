@@ -26,13 +26,14 @@ def llama_cpp_version() -> str:
 
 
 def converter_dir(version: str | None = None) -> Path:
-    return cache_root() / f"llama.cpp-converter-{version or llama_cpp_version()}"
+    # COTUNE_CONVERTER: a converter folder of its own (the image's, or one fetched for a host whose
+    # llama-cpp-python is built apart)
+    override = os.environ.get("COTUNE_CONVERTER")
+    return Path(override) if override else cache_root() / f"llama.cpp-converter-{version or llama_cpp_version()}"
 
 
 def converter_script() -> Path:
-    # COTUNE_CONVERTER: a converter folder fetched elsewhere, for hosts whose llama-cpp-python is built apart
-    override = os.environ.get("COTUNE_CONVERTER")
-    script = Path(override) / "convert_hf_to_gguf.py" if override else converter_dir() / "convert_hf_to_gguf.py"
+    script = converter_dir() / "convert_hf_to_gguf.py"
     if not script.is_file():
         raise UserError(f"llama.cpp's converter is missing ({script}); run `make setup` (it fetches the converter "
                         f"of llama-cpp-python {llama_cpp_version()} once, with network)")
@@ -48,7 +49,7 @@ def fetch_converter(sdist: Path | None = None) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         if sdist is None:
             # pip keeps the download in its HTTP cache, so a second machine state costs no network
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", "llama-cpp-python",
                             f"llama-cpp-python=={version}", "-d", tmp], check=True)
             sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
@@ -57,14 +58,23 @@ def fetch_converter(sdist: Path | None = None) -> Path:
                        and any(m.name[len(prefix):].startswith(keep) for keep in CONVERTER_MEMBERS)]
             for member in members:
                 member.name = member.name[len(prefix):]
-            tar.extractall(out, members=members, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(out, members=members, filter="data")
+            else:  # Python before 3.11.4 (Debian bookworm's 3.11.2) has no extraction filters: refuse what "data" would
+                unsafe = [m.name for m in members if m.issym() or m.islnk() or m.isdev() or m.name.startswith("/")
+                          or ".." in Path(m.name).parts]
+                if unsafe:
+                    raise UserError(f"{sdist}: unexpected links or paths in the converter's files: {unsafe[:3]}")
+                tar.extractall(out, members=members)
     return target
 
 
 def main() -> None:
-    if sys.argv[1:] != ["fetch"]:
-        sys.exit("usage: python -m cotune.converter fetch")
-    print(f"llama.cpp converter: {fetch_converter()}")
+    if sys.argv[1:2] != ["fetch"] or len(sys.argv) > 3:
+        sys.exit("usage: python -m cotune.converter fetch [SDIST]  (SDIST: llama-cpp-python's .tar.gz, else pip "
+                 "downloads it)")
+    sdist = Path(sys.argv[2]) if len(sys.argv) == 3 else None
+    print(f"llama.cpp converter: {fetch_converter(sdist)}")
 
 
 if __name__ == "__main__":
