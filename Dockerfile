@@ -9,8 +9,8 @@
 #   --secret id=ca_bundle,src=FILE  a CA bundle for pip, behind a TLS-inspecting proxy (make image CA_BUNDLE=FILE)
 #   docker/wheels/ in the context   a site wheelhouse offered to pip before the index (make image WHEELS=DIR)
 ARG FLAVOR=cuda
-ARG CUDA_DEVEL_IMAGE=nvidia/cuda:13.0.1-cudnn-devel-ubuntu24.04
-ARG CUDA_RUNTIME_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+ARG CUDA_DEVEL_IMAGE=nvidia/cuda:13.0.1-devel-ubuntu24.04
+ARG CUDA_RUNTIME_IMAGE=nvidia/cuda:13.0.1-runtime-ubuntu24.04
 ARG DEBIAN_IMAGE=debian:bookworm-slim
 # Where pip finds torch: "default" is PyTorch's index for the flavor (cu130 or cpu), "none" only PyPI and the
 # wheelhouse, anything else an index URL (a site mirror).
@@ -105,11 +105,11 @@ RUN --mount=type=secret,id=ca_bundle \
  && pip install -q --no-deps /opt/cotune \
  && python -m cotune.converter fetch "/sdist/llama_cpp_python-${LLAMA_CPP_PYTHON}.tar.gz" \
  && rm -rf /opt/cotune/build \
- && useradd --create-home --shell /bin/bash cotune \
+ && useradd --create-home --uid 10001 --user-group --shell /bin/bash cotune \
  && mkdir -p /work/run /hf-cache \
  && chown cotune:cotune /work/run /hf-cache
 
-USER cotune
+USER 10001:10001
 WORKDIR /work
 ENTRYPOINT ["/usr/local/bin/cotune-entrypoint"]
 CMD ["python", "/opt/cotune/scripts/verify.py", "--help"]

@@ -34,6 +34,13 @@ def run_script(name: str, *args: str, env: dict | None = None, check: bool = Fal
     return proc
 
 
+def unavailable(reason: str):
+    """A test that needs what this machine lacks skips and says why; in CI (CI=true) it fails instead."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI must run this test: {reason}")
+    pytest.skip(reason)
+
+
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
 

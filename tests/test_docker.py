@@ -18,19 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PLANTED_TOKEN, ROOT, script_env
+from conftest import PLANTED_TOKEN, ROOT, script_env, unavailable
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 IMAGE = "cotune:test-cpu"
 BASE_IMAGE = "cotune-base/debian:bookworm"
 LLAMA_CPP_PYTHON = "0.3.36"
-
-
-def unavailable(reason: str):
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI must run the container tests: {reason}")
-    pytest.skip(reason)
 
 
 def docker_client() -> str:
