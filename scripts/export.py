@@ -2,7 +2,8 @@
 """Export stage: merge the LoRA adapter, convert to GGUF with llama.cpp's converter, quantize.
 
 Reads RUN_DIR/train/adapter; writes RUN_DIR/export/merged/ (HF folder whose chat template renders the training
-prompt) and <name>-Q8_0.gguf, plus F16 / Q4_K_M when GGUF_QUANTS asks. Needs no network and no llama.cpp build.
+prompt) and <name>-Q8_0.gguf, plus the other types GGUF_QUANTS asks for (src/cotune/quants.py lists them). The merged
+weights go to the converter in memory and are quantized on every core. Needs no network and no llama.cpp build.
 """
 from cotune.cli import StageTimer, parse_settings, stage_lock, stage_parser
 from cotune.errors import run_main
@@ -18,6 +19,7 @@ def main(argv=None):
     print(f"merged into {record['merge']['merged_into']}")
     for quant, info in record["ggufs"].items():
         print(f"{quant}: {info['path']} ({info['bytes'] / 2**20:.1f} MiB, sha256 {info['sha256'][:16]}...)")
+    print("seconds: " + ", ".join(f"{step} {s:.1f}" for step, s in record["seconds"].items()))
     timer.done(f"{len(record['ggufs'])} GGUF file(s) in {settings.stage_dir('export')}")
 
 

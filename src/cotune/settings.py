@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from . import quants
 from .errors import UserError
 
-QUANT_TYPES = ("Q8_0", "F16", "Q4_K_M")
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 SAMPLE_DATASET = "cotune:sample"
 REFERENCE_QUESTION = "1992年闰四月初九巳时生人,女,想了解健康运势"
@@ -42,14 +42,7 @@ def _probability(v):
 
 
 def _quants(v):
-    if not v:
-        return "must name at least one of " + ", ".join(QUANT_TYPES)
-    bad = [q for q in v if q not in QUANT_TYPES]
-    if bad:
-        return f"unknown quant type {', '.join(bad)}; allowed: {', '.join(QUANT_TYPES)}"
-    if "Q8_0" not in v:
-        return "must include Q8_0 (the file verify checks)"
-    return None
+    return quants.check_choice(v)  # the quant type table decides (it may have gained rows since import)
 
 
 def _split(v):
@@ -140,8 +133,8 @@ class Settings:
     eval_questions: int = _setting(8, "held-out questions each model also answers, for the report's format "
                                       "adherence (0: the probe question only)", "ask", check=_non_negative)
     # --- export ---
-    gguf_quants: list = _setting(("Q8_0",), "comma-separated GGUF types to write: Q8_0 (always), F16, Q4_K_M",
-                                 "export", factory=True, check=_quants)
+    gguf_quants: list = _setting((quants.REQUIRED,), "comma-separated GGUF types to write: " + ", ".join(
+        f"{q} (always)" if q == quants.REQUIRED else q for q in quants.names()), "export", factory=True, check=_quants)
     gguf_name: str = _setting("", "file name stem for GGUF files; '' derives it from base_model", "export",
                               check=lambda v: None if re.fullmatch(r"[\w.-]*", v) else "letters, digits, . _ - only")
     # --- hub ---

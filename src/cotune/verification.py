@@ -11,10 +11,10 @@ from pathlib import Path
 from .errors import UserError
 from .files import quiet_native_stderr, sha256_file, write_json_atomic
 from .prompts import PromptTemplate
+from .quants import file_type_name
 from .settings import Settings
 
 GGUF_MAGIC = b"GGUF"
-FILE_TYPES = {0: "F32", 1: "F16", 7: "Q8_0", 15: "Q4_K_M", 32: "BF16"}
 
 
 def check_gguf_file(path: Path) -> None:
@@ -90,7 +90,7 @@ def verify_gguf(path: Path, template: PromptTemplate, question: str, max_tokens:
         def check(name: str, passed: bool | None, detail: str) -> None:
             checks.append({"check": name, "passed": passed, "detail": detail})
 
-        file_type = FILE_TYPES.get(int(meta.get("general.file_type", -1)), meta.get("general.file_type", "?"))
+        file_type = file_type_name(int(meta["general.file_type"])) if "general.file_type" in meta else "?"
         chat_template = meta.get("tokenizer.chat_template")
         check("chat template present", bool(chat_template), "tokenizer.chat_template in the GGUF metadata"
               if chat_template else "the GGUF has no tokenizer.chat_template")
