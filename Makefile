@@ -175,7 +175,7 @@ test-deps:
 	if [[ -z "$$missing" ]]; then exit 0; fi; \
 	if [[ "$$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then \
 	  echo "installing what the tests need: $$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	else echo "WARNING: not installed: $$missing (installing needs root and apt); the tests that need them skip"; fi
 
 test: $(SETUP_STAMP) test-deps ## the whole test suite, what CI runs (CPU; GPU tests skip with their reason)
