@@ -61,9 +61,10 @@ def report(settings, timer, record=None):
     import json
 
     record = record or json.loads((settings.stage_dir("train") / "run.json").read_text())
-    s = record["summary"]
-    print(f"steps {s['global_step']}: training loss {s['first_loss']:.3f} -> {s['last_loss']:.3f}, held-out loss "
-          f"{s['eval_loss_start']:.3f} -> {s['eval_loss_end']:.3f}, median {s['median_tokens_per_s']} tokens/s "
+    s = {k: "n/a" if v is None else v for k, v in record["summary"].items()}
+    f = lambda v: v if v == "n/a" else f"{v:.3f}"  # noqa: E731
+    print(f"steps {s['global_step']}: training loss {f(s['first_loss'])} -> {f(s['last_loss'])}, held-out loss "
+          f"{f(s['eval_loss_start'])} -> {f(s['eval_loss_end'])}, median {s['median_tokens_per_s']} tokens/s "
           f"({s['backend']} on {s['device']}, {s['dtype']})")
     timer.done(f"adapter in {settings.stage_dir('train')}/adapter")
 

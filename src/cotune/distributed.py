@@ -14,11 +14,20 @@ from .errors import UserError
 
 # Set by the launcher for the processes it starts: where they leave their user errors for it to print once.
 LAUNCH_DIR_ENV = "COTUNE_TRAIN_LAUNCH_DIR"
-# transformers' sampler that gives every process of a step about the same number of tokens (padding counted), from
-# the same global set of sequences whatever the number of processes; cotune uses it on one process too, so that a
+# How a step's sequences are shared out between the processes (cotune.sampling). Every way draws the same global set
+# of sequences per step from the seed, whatever the number of processes, and cotune uses it on one process too, so a
 # run's steps see the same sequences on 1 or N processes.
-SAMPLER = "batch_rebalance"
+SPLITS = {
+    "tokens": "by tokens: every micro-batch of every process about the same (cotune.sampling)",
+    "batch_rebalance": "transformers' batch_rebalance: runs of rows sorted by length, equal padded cost",
+    "random": "transformers' default: shuffled rows dealt round-robin in equal micro-batches",
+}
 
+
+def split_for(backend_name: str) -> str:
+    """Unsloth's micro-batches are padding-free, so their work grows with tokens; the plain stack pads each
+    micro-batch to its longest row, which transformers' own split prices."""
+    return "tokens" if backend_name == "unsloth" else "batch_rebalance"
 
 def split_sequences(batch: int, accum: int, world: int) -> tuple[int, int] | None:
     """(micro-batch, accumulation) per process that keeps BATCH_SIZE x GRAD_ACCUM sequences per optimizer step over
@@ -64,8 +73,7 @@ class Layout:
         return self.micro_batch * self.grad_accum * self.world_size
 
     def record(self) -> dict:
-        return {**asdict(self), "world_size": self.world_size, "sequences_per_step": self.sequences_per_step,
-                "sampler": SAMPLER}
+        return {**asdict(self), "world_size": self.world_size, "sequences_per_step": self.sequences_per_step}
 
     def describe(self) -> str:
         where = f"{self.nnodes} machines x {self.nproc_per_node}" if self.nnodes > 1 else f"{self.nproc_per_node}"

@@ -204,21 +204,32 @@ def preflight(settings: Settings, layout: Layout) -> dict | None:
     return done
 
 
-def trainer_class(base):
-    """trl's SFTTrainer (Unsloth's, once Unsloth patched it) with two changes for training on N processes:
-    transformers' batch_rebalance sampler gets the SEED (transformers passes none, so it would always use 42), and
-    every process's random state goes into a checkpoint through rank 0, the only process that writes."""
+def sampling_strategy(split: str) -> str:
+    """transformers' train_sampling_strategy behind a split: every split but `random` draws through its rank-aware
+    batch_rebalance sampler."""
+    return "random" if split == "random" else "batch_rebalance"
+
+
+def trainer_class(base, split: str):
+    """trl's SFTTrainer (Unsloth's, once Unsloth patched it) with what training on N processes needs: each step's
+    sequences shared out as `split` says (cotune.sampling), drawn from the SEED (transformers passes its sampler
+    none, so it would always draw with 42), and every process's random state saved into a checkpoint through rank 0,
+    the only process that writes."""
     import random
 
     import numpy as np
     import torch
     from transformers.trainer_pt_utils import BatchRebalanceSampler
 
+    from .sampling import token_balanced
+
     class CotuneTrainer(base):
         def _get_train_sampler(self, train_dataset=None):
             sampler = super()._get_train_sampler(train_dataset)
             if isinstance(sampler, BatchRebalanceSampler):
                 sampler.seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+                if split == "tokens":
+                    sampler = token_balanced(sampler)
             return sampler
 
         def _save_rng_state(self, output_dir):
@@ -254,17 +265,19 @@ def run_train_stage(settings: Settings) -> dict | None:
     model on its own device; DDP averages their gradients). Rank 0 alone writes and returns the run record."""
     from .backends import choose_backend, gradient_checkpointing_value, load_for_training
     from .data import read_jsonl
-    from .distributed import (SAMPLER, decided_by_writer, end_process_group, gathered, plan, start_process_group,
+    from .distributed import (decided_by_writer, end_process_group, gathered, plan, split_for, start_process_group,
                               this_process)
     from .models import resolve_model_path
 
     me = this_process()
-    if not me.is_writer:
-        quiet_progress()
     out = settings.stage_dir("train")
     data = settings.stage_dir("data")
     layout = plan(settings, nproc_per_node=me.local_world_size, nnodes=me.world_size // me.local_world_size)
     backend = choose_backend(settings, quiet=not me.is_writer, world_size=me.world_size)
+    if backend.name == "unsloth":
+        import unsloth  # noqa: F401  (patches transformers, trl and peft: before any of them is imported)
+    if not me.is_writer:
+        quiet_progress()
     start_process_group(me, backend.device)
     train_rows, eval_rows = read_jsonl(data / "train.jsonl"), read_jsonl(data / "eval.jsonl")
     fingerprint = training_fingerprint(settings)
@@ -297,6 +310,7 @@ def run_train_stage(settings: Settings) -> dict | None:
         write_json_atomic(checkpoints / "fingerprint.json", fingerprint)
         metrics = MetricsLog(out / "metrics.jsonl", int(resume_from.name.split("-")[-1]) if resume_from else 0)
     checkpointing = gradient_checkpointing_value(settings, backend)
+    split = split_for(backend.name)
     start_eval = decided_by_writer(me, lambda: "start" not in metrics.eval_losses())
     # On N processes the held-out loss at the start is taken inside train(), once DDP wraps the model: an evaluate()
     # before train() marks the model prepared, train() then leaves it unwrapped, and the processes train apart
@@ -305,7 +319,7 @@ def run_train_stage(settings: Settings) -> dict | None:
     config = SFTConfig(
         output_dir=str(checkpoints), max_length=settings.max_seq_length, dataset_text_field="text", packing=False,
         per_device_train_batch_size=layout.micro_batch, per_device_eval_batch_size=settings.batch_size,
-        gradient_accumulation_steps=layout.grad_accum, train_sampling_strategy=SAMPLER,
+        gradient_accumulation_steps=layout.grad_accum, train_sampling_strategy=sampling_strategy(split),
         ddp_find_unused_parameters=False, warmup_steps=settings.warmup_steps,
         max_steps=settings.max_steps, learning_rate=settings.learning_rate, optim=backend.optim,
         weight_decay=settings.weight_decay, lr_scheduler_type=settings.lr_scheduler, seed=settings.seed,
@@ -336,10 +350,12 @@ def run_train_stage(settings: Settings) -> dict | None:
             if metrics is not None:
                 metrics.on_log(state.global_step, logs or {})
 
-    trainer = trainer_class(SFTTrainer)(
+    callback = _Log()
+    trainer = trainer_class(SFTTrainer, split)(
         model=model, args=config, train_dataset=training_dataset(train_rows, settings),
-        eval_dataset=training_dataset(eval_rows, settings), processing_class=tokenizer, callbacks=[_Log()])
+        eval_dataset=training_dataset(eval_rows, settings), processing_class=tokenizer, callbacks=[callback])
     assert_eos_is_learned(trainer, tokenizer)
+    sampler = type(trainer._get_train_sampler()).__name__
 
     if start_eval and not eval_on_start:
         metrics.write({"eval": "start", "step": 0, "eval_loss": trainer.evaluate()["eval_loss"]})
@@ -350,6 +366,8 @@ def run_train_stage(settings: Settings) -> dict | None:
     started = time.monotonic()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.monotonic() - started
+    if callback.pending_start and me.is_writer:
+        warn("the held-out loss at the start was not taken (this trainer skipped eval_on_start); the record has none")
     end_loss = trainer.evaluate()["eval_loss"]
     if not me.is_writer:
         end_process_group()
@@ -373,8 +391,8 @@ def run_train_stage(settings: Settings) -> dict | None:
         "perplexity_end": math.exp(evals["end"]) if "end" in evals else None,
         "median_tokens_per_s": sorted(rates)[len(rates) // 2] if rates else None,
         "train_seconds_this_process": round(train_seconds, 1), "resumed_from": str(resume_from) if resume_from else None,
-        "processes": {**layout.record(), "backend": "nccl" if backend.device == "cuda" else "gloo"}
-        if me.distributed else {**layout.record(), "backend": None},
+        "processes": {**layout.record(), "split": split, "sampler": sampler,
+                      "backend": ("nccl" if backend.device == "cuda" else "gloo") if me.distributed else None},
     }
     write_json_atomic(out / "fingerprint.json", fingerprint)
     record = write_run_record(out, settings.public_dict(),
