@@ -6,6 +6,10 @@ The model is built with random weights in the configured architecture (Qwen3-8B'
 lognormal length spread. Results: RUN_DIR/bench/bench.json and bench.md (naming the GPU). `--smoke` runs the plain
 stack on a tiny model on the CPU in seconds, to prove the harness.
 
+`--ddp` compares 1 process with N (torchrun DDP, N = every visible GPU) at 8 and 16 sequences per optimizer step,
+for each way of splitting a step between the processes: RUN_DIR/bench/ddp.json and ddp.md. A default run on a
+machine with 2 or more GPUs does this after the single-GPU configurations; `--smoke --ddp` runs it on 2 CPU processes.
+
 `--gguf FILE` instead times prompt processing and decoding of a GGUF through llama-cpp-python (on the GPU when the
 build offloads, else on the CPU; `--cpu` forces the CPU): RUN_DIR/bench/decode-<name>.json.
 """
@@ -25,6 +29,9 @@ def main(argv=None):
     parser.add_argument("--configs", default=None, help="comma-separated subset of the configurations")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per configuration [20; 4 smoke]")
     parser.add_argument("--warmup", type=int, default=None, help="first steps not timed [3; 1 smoke]")
+    parser.add_argument("--ddp", action="store_true", help="only the 1-vs-N processes comparison (DDP)")
+    parser.add_argument("--ddp-budget", type=float, default=0,
+                        help="with --ddp: seconds per run (1 and N processes) after which no new plan starts [none]")
     parser.add_argument("--run-dir", type=Path, default=Path("artifacts"))
     parser.add_argument("--gguf", type=Path, default=None, help="time prompt processing and decoding of this GGUF")
     parser.add_argument("--cpu", action="store_true", help="with --gguf: decode on the CPU even where a GPU offloads")
@@ -36,7 +43,8 @@ def main(argv=None):
 
     import torch
 
-    from cotune.bench import CONFIGS, DEFAULT_CONFIGS, run_all
+    from cotune.bench import CONFIGS, DEFAULT_CONFIGS, ddp_comparison, run_all
+    from cotune.distributed import visible_gpus
     from cotune.models import resolve_model_path
     from cotune.randmodel import build
     from cotune.settings import EMBEDDED_MODEL
@@ -57,8 +65,19 @@ def main(argv=None):
             build(shape, args.tokenizer or resolve_model_path(EMBEDDED_MODEL), model)
     steps, warmup = args.steps or (4 if args.smoke else 20), args.warmup if args.warmup is not None else (1 if args.smoke else 3)
     rows, max_len, median = (32, 128, 64) if args.smoke else (400, 2048, 700)
-    run_all(model, out, configs, steps, warmup, rows, max_len, median, cuda)
-    print((out / "bench.md").read_text())
+    if not args.ddp:
+        run_all(model, out, configs, steps, warmup, rows, max_len, median, cuda)
+        print((out / "bench.md").read_text())
+    gpus = visible_gpus()
+    if args.ddp or (gpus >= 2 and not args.configs):
+        if cuda and gpus < 2:
+            raise UserError(f"--ddp: {gpus} GPU visible; the comparison needs 2 or more")
+        print(f"multi-GPU comparison: 1 process against {gpus if cuda else 2} at 8 and 16 sequences per step", flush=True)
+        if args.smoke:
+            ddp_comparison(model, out, 2, steps, warmup, rows, max_len, median, cuda, sequences=(8,))
+        else:
+            ddp_comparison(model, out, gpus, steps, warmup, rows, max_len, median, cuda, budget=args.ddp_budget)
+        print((out / "ddp.md").read_text())
 
 
 def decode(args) -> None:

@@ -32,7 +32,19 @@ def _cuda() -> tuple[bool, bool]:
     return available, available and torch.cuda.is_bf16_supported()
 
 
-def choose_backend(settings: Settings, *, quiet: bool = False) -> Backend:
+# What Unsloth (the pinned version) cannot do on N processes under torchrun DDP, as found on two H200s:
+# (setting, value) -> why. BACKEND=auto falls back to the plain stack with a WARNING; BACKEND=unsloth is refused.
+UNSLOTH_UNDER_DDP_FAILS: dict[tuple[str, str], str] = {}
+
+
+def unsloth_ddp_problem(settings: Settings) -> str | None:
+    for (name, value), why in UNSLOTH_UNDER_DDP_FAILS.items():
+        if str(getattr(settings, name)) == value:
+            return f"{name.upper()}={value}: {why}"
+    return None
+
+
+def choose_backend(settings: Settings, *, quiet: bool = False, world_size: int = 1) -> Backend:
     say = (lambda _m: None) if quiet else warn
     cuda, bf16_ok = _cuda()
     unsloth_installed = importlib.util.find_spec("unsloth") is not None
@@ -52,6 +64,13 @@ def choose_backend(settings: Settings, *, quiet: bool = False) -> Backend:
         name = "hf"
         reason = "no CUDA GPU is visible" if not cuda else "the unsloth package is not installed"
         say(f"backend hf (transformers + peft + trl) instead of Unsloth: {reason}")
+    problem = unsloth_ddp_problem(settings) if name == "unsloth" and world_size > 1 else None
+    if problem and settings.backend == "unsloth":
+        raise UserError(f"BACKEND=unsloth on {world_size} processes: {problem}; change that setting, train on one "
+                        "process, or use BACKEND=auto (the plain stack then)")
+    if problem:
+        name = "hf"
+        say(f"backend hf (transformers + peft + trl) instead of Unsloth on {world_size} processes: {problem}")
 
     if not cuda:
         dtype = "fp32"
@@ -96,14 +115,15 @@ def nf4_config(compute_dtype):
                               bnb_4bit_use_double_quant=True)
 
 
-def load_hf_model(model_path: Path, backend: Backend):
-    """The base model on the plain stack: safetensors only, no remote code, NF4 when the backend asks for it."""
+def load_hf_model(model_path: Path, backend: Backend, device_index: int = 0):
+    """The base model on the plain stack: safetensors only, no remote code, NF4 when the backend asks for it; on a
+    GPU, whole on this process's own device (4-bit weights placed on another one break DDP)."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
         model_path, dtype=backend.torch_dtype(), use_safetensors=True, trust_remote_code=False,
         quantization_config=nf4_config(backend.torch_dtype()) if backend.load_in_4bit else None,
-        device_map={"": 0} if backend.device == "cuda" else None)
+        device_map={"": device_index} if backend.device == "cuda" else None)
 
 
 def bytes_per_weight(backend: Backend) -> float:
@@ -113,7 +133,8 @@ def bytes_per_weight(backend: Backend) -> float:
 OFFLOAD_EMBEDDING = {"auto": "auto", "true": True, "false": False}  # Unsloth's own "auto" sentinel
 
 
-def load_for_training(settings: Settings, backend: Backend, model_path: Path, *, kbit_upcast: bool = False):
+def load_for_training(settings: Settings, backend: Backend, model_path: Path, *, kbit_upcast: bool = False,
+                      device_index: int = 0):
     """(model with LoRA adapters, tokenizer). On the plain stack a 4-bit base keeps its other weights in the compute
     dtype, as trl's own QLoRA path does; `kbit_upcast` instead runs peft's `prepare_model_for_kbit_training`, which
     keeps fp32 copies of every weight that isn't 4-bit (embeddings, head, norms) -- the benchmark measures both."""
@@ -126,7 +147,8 @@ def load_for_training(settings: Settings, backend: Backend, model_path: Path, *,
 
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=str(model_path), max_seq_length=settings.max_seq_length, dtype=backend.torch_dtype(),
-            load_in_4bit=backend.load_in_4bit, offload_embedding=OFFLOAD_EMBEDDING[settings.offload_embedding])
+            load_in_4bit=backend.load_in_4bit, offload_embedding=OFFLOAD_EMBEDDING[settings.offload_embedding],
+            device_map={"": device_index})
         model = FastLanguageModel.get_peft_model(
             model, r=settings.lora_r, target_modules=list(settings.target_modules), lora_alpha=settings.lora_alpha,
             lora_dropout=settings.lora_dropout, bias=settings.lora_bias,
@@ -142,7 +164,7 @@ def load_for_training(settings: Settings, backend: Backend, model_path: Path, *,
     if settings.offload_embedding == "true":
         warn("OFFLOAD_EMBEDDING=true ignored: only the Unsloth backend keeps the embedding in host RAM")
     torch.manual_seed(settings.random_state)
-    model = load_hf_model(model_path, backend)
+    model = load_hf_model(model_path, backend, device_index)
     tokenizer = load_tokenizer(model_path)
     if backend.load_in_4bit and (kbit_upcast or backend.dtype == "fp16"):
         # fp16 keeps peft's fp32 copies: fp16 norms and heads are where QLoRA's instabilities came from.

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from .distributed import SPLITS
+
 # Dense bf16 peak of the GPUs we state MFU for (no sparsity), in FLOP/s.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 
@@ -70,6 +72,40 @@ def synthetic_lengths(n: int, max_len: int, seed: int, median: int = 700, sigma:
             for _ in range(n)]
 
 
+def synthetic_rows(n: int, max_len: int, median: int, vocab: int) -> list[dict]:
+    """Pre-tokenized rows of random ids with lognormal lengths: the same rows in every configuration and process."""
+    rng = random.Random(1)
+    return [{"input_ids": [rng.randrange(3, vocab - 1) for _ in range(length)]}
+            for length in synthetic_lengths(n, max_len, seed=0, median=median)]
+
+
+def step_timer(steps: list[dict], cuda: bool):
+    """A trainer callback that appends each optimizer step's seconds, real tokens (every process's, as the trainer
+    counts them) and logged loss/MFU to `steps`."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            self.t0, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_step_end(self, a, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            steps.append({"step": state.global_step, "seconds": time.perf_counter() - self.t0,
+                          "tokens": state.num_input_tokens_seen - self.tokens0})
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and steps:
+                for key in ("loss", "train_mfu", "train_hfu"):
+                    if key in logs:
+                        steps[-1][key] = logs[key]
+
+    return Timer
+
+
 def worker(args) -> dict:
     """One configuration, in this process: load, train `steps` optimizer steps, time all but the warm-up."""
     backend_name, overrides, description = CONFIGS[args.config]
@@ -80,7 +116,6 @@ def worker(args) -> dict:
         import unsloth  # noqa: F401  (must patch before transformers/trl are imported)
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from .backends import choose_backend, gradient_checkpointing_value, load_for_training
@@ -97,10 +132,7 @@ def worker(args) -> dict:
     backend = choose_backend(settings, quiet=True)
     checkpointing = gradient_checkpointing_value(settings, backend)
     model, tokenizer = load_for_training(settings, backend, Path(args.model), kbit_upcast=kbit_upcast)
-    lengths = synthetic_lengths(args.rows, args.max_len, seed=0, median=args.median)
-    rng = random.Random(1)
-    vocab = min(len(tokenizer), model.config.vocab_size) - 1
-    rows = [{"input_ids": [rng.randrange(3, vocab) for _ in range(n)]} for n in lengths]
+    rows = synthetic_rows(args.rows, args.max_len, args.median, min(len(tokenizer), model.config.vocab_size))
     config = SFTConfig(output_dir=str(Path(args.out).parent / f"ckpt-{args.config}"), max_length=args.max_len,
                        per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_steps=args.steps,
                        learning_rate=2e-4, lr_scheduler_type="constant", optim=backend.optim, seed=3407,
@@ -110,25 +142,7 @@ def worker(args) -> dict:
                        gradient_checkpointing_kwargs={"use_reentrant": False},
                        include_num_input_tokens_seen="non_padding")
     steps: list[dict] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, a, state, control, **kw):
-            if args.cuda:
-                torch.cuda.synchronize()
-            self.t0, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
-
-        def on_step_end(self, a, state, control, **kw):
-            if args.cuda:
-                torch.cuda.synchronize()
-            steps.append({"step": state.global_step, "seconds": time.perf_counter() - self.t0,
-                          "tokens": state.num_input_tokens_seen - self.tokens0})
-
-        def on_log(self, a, state, control, logs=None, **kw):
-            if logs and steps:
-                for key in ("loss", "train_mfu", "train_hfu"):
-                    if key in logs:
-                        steps[-1][key] = logs[key]
-
+    Timer = step_timer(steps, args.cuda)
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          callbacks=[Timer()])
     if args.cuda:
@@ -243,6 +257,237 @@ def run_all(model: Path, out: Path, configs: list[str], steps: int, warmup: int,
     return ordered
 
 
+# The multi-GPU comparison: 1 process against N (torchrun DDP) at the same sequences per optimizer step, for each way
+# of sharing a step out between the processes (distributed.SPLITS), Unsloth QLoRA (the plain stack on a CPU smoke run).
+DDP_SEQUENCES = (8, 16)  # the reference recipe's sequences per optimizer step, and twice it
+DDP_MICRO = 4  # sequences per micro-batch on one GPU, as PRESET=fast
+
+
+def real_tokens(batch) -> int:
+    """Non-pad tokens of a collated micro-batch (padding-free batches have no attention mask and no pad)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
+def balance(by_rank: list[list[tuple[int, int]]], accum: int, steps: list[int]) -> dict:
+    """How evenly the processes' work was shared, from each process's (real, computed) tokens per micro-batch in the
+    order it took them (computed = padded; the same as real in padding-free batches). `imbalance`: the busiest
+    process's computed tokens in a step over the mean; `slot_imbalance`: the sum over accumulation slots of the
+    busiest process's micro-batch over the mean per process (the processes also meet at every micro-batch)."""
+    def micro(rank, k, slot):
+        return rank[k * accum + slot] if k * accum + slot < len(rank) else (0, 0)
+
+    per_step, per_slot, real, computed = [], [], 0, 0
+    for k in steps:
+        work = [[micro(rank, k, slot)[1] for slot in range(accum)] for rank in by_rank]
+        mean = sum(map(sum, work)) / len(work)
+        if mean:
+            per_step.append(max(map(sum, work)) / mean)
+            per_slot.append(sum(max(w[slot] for w in work) for slot in range(accum)) / mean)
+        real += sum(micro(rank, k, slot)[0] for rank in by_rank for slot in range(accum))
+        computed += sum(map(sum, work))
+    return {"tokens_by_rank": [[sum(micro(rank, k, s)[0] for s in range(accum)) for rank in by_rank] for k in steps],
+            "imbalance": statistics.mean(per_step) if per_step else None,
+            "slot_imbalance": statistics.mean(per_slot) if per_slot else None,
+            "padding_share": 1 - real / computed if computed else None}
+
+
+def ddp_worker(args) -> None:
+    """One process of the comparison (one of N under torchrun, or alone): load the model once, then train every
+    (sequences per step, split) plan from the same initial LoRA weights; rank 0 writes what all measured."""
+    import dataclasses
+    import gc
+
+    if args.cuda:
+        import unsloth  # noqa: F401  (must patch before transformers/trl are imported)
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from .backends import choose_backend, gradient_checkpointing_value, load_for_training
+    from .distributed import decided_by_writer, end_process_group, gathered, plan, start_process_group, this_process
+    from .settings import resolve
+    from .training import sampling_strategy, trainer_class
+
+    me = this_process()
+    cli = {"base_model": args.model, "backend": "unsloth" if args.cuda else "hf", "max_steps": str(args.steps),
+           "warmup_steps": "0", "max_seq_length": str(args.max_len), "batch_size": str(args.micro),
+           "grad_accum": "1", "offload_embedding": "false"}
+    if not args.cuda:
+        cli.update({"load_in_4bit": "false", "gradient_checkpointing": "false", "optim": "adamw_torch"})
+    settings = resolve(cli, environ={}, dotenv_path=Path("/nonexistent"))
+    backend = choose_backend(settings, quiet=True, world_size=me.world_size)
+    checkpointing = gradient_checkpointing_value(settings, backend)
+    start_process_group(me, backend.device)
+    started = time.perf_counter()
+    model, tokenizer = load_for_training(settings, backend, Path(args.model), device_index=me.local_rank)
+    load_seconds = time.perf_counter() - started
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    dataset = Dataset.from_list(synthetic_rows(args.rows, args.max_len, args.median,
+                                               min(len(tokenizer), model.config.vocab_size)))
+    plans: list[dict] = []
+    result = {"world_size": me.world_size, "backend": backend.name, "micro": args.micro, "steps": args.steps,
+              "warmup_steps_excluded": args.warmup, "rows": args.rows, "max_len": args.max_len,
+              "median": args.median, "load_seconds": load_seconds, "host": platform.node(), "plans": plans,
+              "gpu": torch.cuda.get_device_name(0) if args.cuda else None, "skipped": []}
+    began = time.monotonic()
+    for sequences, split in [(int(n), name) for n, name in (p.split(":") for p in args.plans.split(","))]:
+        # every process starts the next plan only if rank 0 sees time left, so that all of them stop together
+        if decided_by_writer(me, lambda: args.budget and time.monotonic() - began > args.budget):
+            result["skipped"].append(f"{sequences}:{split}")
+            continue
+        with torch.no_grad():  # every plan starts from the same LoRA weights
+            for name, param in model.named_parameters():
+                if name in initial:
+                    param.copy_(initial[name])
+                    param.grad = None
+        layout = plan(dataclasses.replace(settings, grad_accum=sequences // args.micro),
+                      nproc_per_node=me.local_world_size, nnodes=me.world_size // me.local_world_size)
+        config = SFTConfig(output_dir=str(Path(args.out).parent / "ckpt-ddp"), max_length=args.max_len,
+                           per_device_train_batch_size=layout.micro_batch,
+                           gradient_accumulation_steps=layout.grad_accum,
+                           train_sampling_strategy=sampling_strategy(split),
+                           ddp_find_unused_parameters=False, max_steps=args.steps, learning_rate=2e-4,
+                           lr_scheduler_type="constant", optim=backend.optim, seed=3407, logging_steps=1,
+                           save_strategy="no", report_to="none", bf16=backend.dtype == "bf16", use_cpu=not args.cuda,
+                           dataloader_drop_last=True, data_seed=3407,
+                           gradient_checkpointing=backend.name == "hf" and checkpointing is True,
+                           gradient_checkpointing_kwargs={"use_reentrant": False},
+                           include_num_input_tokens_seen="non_padding", disable_tqdm=True)
+        steps: list[dict] = []
+        counted: list[tuple[int, int]] = []  # (real, padded) tokens of each micro-batch this process trained on
+        trainer = trainer_class(SFTTrainer, split)(model=model, args=config, train_dataset=dataset,
+                                            processing_class=tokenizer, callbacks=[step_timer(steps, args.cuda)()])
+        collate = trainer.data_collator
+
+        def counting(features, collate=collate, counted=counted):
+            batch = collate(features)
+            counted.append((real_tokens(batch), int(batch["input_ids"].numel())))
+            return batch
+
+        trainer.data_collator = counting
+        if args.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+        sampler = type(trainer._get_train_sampler(dataset)).__name__
+        by_rank = gathered(me, counted)
+        peaks = gathered(me, torch.cuda.max_memory_allocated() / 2**30 if args.cuda else None)
+        trainer.accelerator.free_memory()
+        del trainer
+        gc.collect()
+        if args.cuda:
+            torch.cuda.empty_cache()
+        if not me.is_writer:
+            continue
+        timed = list(range(args.warmup, len(steps)))
+        plans.append({
+            "sequences_per_step": sequences, "split": split, "sampler": sampler, "layout": layout.record(),
+            "step_seconds": [s["seconds"] for s in steps], "losses": [s.get("loss") for s in steps],
+            "tokens": [s["tokens"] for s in steps], **balance(by_rank, layout.grad_accum, timed),
+            "timed_seconds": sum(steps[k]["seconds"] for k in timed),
+            "timed_tokens": sum(steps[k]["tokens"] for k in timed),
+            "median_step_s": statistics.median(steps[k]["seconds"] for k in timed) if timed else None,
+            "peak_allocated_gib_by_rank": peaks})
+        Path(args.out).write_text(json.dumps(result, indent=1))  # after every plan: a later failure keeps these
+        print(f"{me.world_size} process(es), {sequences} sequences per step, {split}: median step "
+              f"{plans[-1]['median_step_s']:.3f} s", flush=True)
+    if me.is_writer:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    end_process_group()
+
+
+def ddp_comparison(model: Path, out: Path, nproc: int, steps: int, warmup: int, rows: int, max_len: int,
+                   median: int, cuda: bool, sequences=DDP_SEQUENCES, splits=tuple(SPLITS),
+                   micro: int = DDP_MICRO, budget: float = 0) -> dict:
+    """1 process, then `nproc` through torchrun, each training every plan (cotune's split first; with a `budget` in
+    seconds, each run starts no plan after it); a table of what N processes gain on the plans both ran."""
+    from .distributed import split_for
+
+    out.mkdir(parents=True, exist_ok=True)
+    ours = split_for("unsloth" if cuda else "hf")
+    ordered = sorted(splits, key=lambda name: name != ours)
+    plans = ",".join(f"{n}:{split}" for split in ordered for n in sequences)
+    runs, failed = {}, []
+    for world in (1, nproc):
+        target = out / f"ddp-{world}.json"
+        target.unlink(missing_ok=True)
+        entry = ["-m", "cotune.bench", "--ddp-worker", "--model", str(model), "--out", str(target), "--plans", plans,
+                 "--micro", str(micro), "--steps", str(steps), "--warmup", str(warmup), "--rows", str(rows),
+                 "--max-len", str(max_len), "--median", str(median), "--budget", str(budget)] + (
+                    ["--cuda"] if cuda else [])
+        launcher = [] if world == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world)]
+        start = time.monotonic()
+        proc = subprocess.run([sys.executable, *launcher, *entry], env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stdout[-3000:], proc.stderr[-6000:], file=sys.stderr)
+            print(f"bench: the {world}-process run FAILED (exit {proc.returncode}; output above)", flush=True)
+            failed.append(world)
+        if target.is_file():
+            runs[world] = json.loads(target.read_text())
+        print(f"{world} process(es): {time.monotonic() - start:.0f} s with load", flush=True)
+    if len(runs) < 2:
+        raise SystemExit(f"bench: no comparison: the {' and '.join(map(str, failed))}-process run(s) measured nothing")
+    result = {"one": runs[1], "many": runs[nproc], "rows": ddp_rows(runs[1], runs[nproc]), "failed": failed}
+    (out / "ddp.json").write_text(json.dumps(result, indent=1))
+    (out / "ddp.md").write_text(ddp_table(result))
+    if failed:
+        raise SystemExit(f"bench: the {' and '.join(map(str, failed))}-process run(s) failed part-way; "
+                         f"the table ({out / 'ddp.md'}) has the plans both finished")
+    return result
+
+
+def ddp_rows(one: dict, many: dict) -> list[dict]:
+    """For each plan: N processes against 1 on the same steps (same sequences in every step, same timed steps)."""
+    by_plan = {(p["sequences_per_step"], p["split"]): p for p in one["plans"]}
+    rows = []
+    for p in many["plans"]:
+        base = by_plan.get((p["sequences_per_step"], p["split"]))
+        if base is None:
+            continue
+        pairs = [(a, b) for a, b in zip(p["losses"], base["losses"]) if a is not None and b is not None]
+        rows.append({
+            "sequences_per_step": p["sequences_per_step"], "split": p["split"], "sampler": p["sampler"],
+            "one_median_step_s": base["median_step_s"], "many_median_step_s": p["median_step_s"],
+            "speedup": base["timed_seconds"] / p["timed_seconds"] if p["timed_seconds"] else None,
+            "one_tokens_per_s": base["timed_tokens"] / base["timed_seconds"] if base["timed_seconds"] else None,
+            "many_tokens_per_s": p["timed_tokens"] / p["timed_seconds"] if p["timed_seconds"] else None,
+            "imbalance": p["imbalance"], "slot_imbalance": p["slot_imbalance"], "padding_share": p["padding_share"],
+            "max_loss_gap": max(abs(a - b) for a, b in pairs) if pairs else None,
+            "layout_one": base["layout"], "layout_many": p["layout"],
+            "peak_allocated_gib": max((g for g in p["peak_allocated_gib_by_rank"] if g is not None), default=None)})
+    return rows
+
+
+def ddp_table(result: dict) -> str:
+    from .distributed import split_for
+
+    one, many = result["one"], result["many"]
+    n, ours = many["world_size"], split_for(one["backend"])
+    f = lambda v, d=3: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
+    base = {r["sequences_per_step"]: r for r in result["rows"] if r["split"] == ours}
+    lines = [f"Device: {many.get('gpu') or 'CPU'}, {n} processes against 1. Random weights; {one['backend']}; "
+             f"{many['steps']} steps per plan, the first {many['warmup_steps_excluded']} not timed. Speed-up: time of "
+             f"the same timed steps (same sequences) on 1 process over on {n}. Imbalance: the busiest process's tokens "
+             f"over the mean, per step (slot: summed over the micro-batches of a step). cotune's split for "
+             f"{one['backend']}: {ours}.", "",
+             f"| sequences per step | split | micro-batch x accum, 1 / {n} | median step 1 (s) | median step {n} (s) | "
+             f"speed-up | vs 1 process with {ours} | tokens/s on {n} | imbalance | slot imbalance | padding | "
+             f"max loss gap | peak allocated per GPU (GiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        same = base.get(r["sequences_per_step"])
+        versus = r["many_tokens_per_s"] / same["one_tokens_per_s"] if same and same["one_tokens_per_s"] else None
+        lines.append(f"| {r['sequences_per_step']} | {r['split']}{' (cotune)' if r['split'] == ours else ''} | "
+                     f"{r['layout_one']['micro_batch']} x {r['layout_one']['grad_accum']} / "
+                     f"{r['layout_many']['micro_batch']} x {r['layout_many']['grad_accum']} | "
+                     f"{f(r['one_median_step_s'])} | {f(r['many_median_step_s'])} | {f(r['speedup'], 2)}x | "
+                     f"{f(versus, 2)}x | {f(r['many_tokens_per_s'], 0)} | {f(r['imbalance'])} | "
+                     f"{f(r['slot_imbalance'])} | {f(r['padding_share'] and 100 * r['padding_share'], 1)} % | "
+                     f"{f(r['max_loss_gap'], 4)} | {f(r['peak_allocated_gib'], 2)} |")
+    return "\n".join(lines) + "\n"
+
+
 def decode_bench(gguf: Path, *, gpu: bool, threads: int | None, new_tokens: int = 256, prompt_tokens: int = 512,
                  repeats: int = 3) -> dict:
     """Prompt processing and greedy decode speed of a GGUF through llama-cpp-python (every layer on the GPU where the
@@ -287,7 +532,11 @@ def main() -> None:
     import argparse
 
     p = argparse.ArgumentParser(description="worker entry of the benchmark (scripts/bench.py runs it)")
-    p.add_argument("--worker", dest="config", choices=sorted(CONFIGS), required=True)
+    p.add_argument("--worker", dest="config", choices=sorted(CONFIGS))
+    p.add_argument("--ddp-worker", action="store_true", help="one process of the 1-vs-N processes comparison")
+    p.add_argument("--plans", default="8:tokens", help="SEQUENCES:SPLIT,... (--ddp-worker)")
+    p.add_argument("--micro", type=int, default=DDP_MICRO, help="sequences per micro-batch on one process")
+    p.add_argument("--budget", type=float, default=0, help="seconds after which no new plan starts (0: none)")
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=20)
@@ -296,7 +545,13 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=2048)
     p.add_argument("--median", type=int, default=700)
     p.add_argument("--cuda", action="store_true")
-    worker(p.parse_args())
+    args = p.parse_args()
+    if args.ddp_worker:
+        ddp_worker(args)
+    elif args.config:
+        worker(args)
+    else:
+        p.error("give --worker CONFIG or --ddp-worker")
 
 
 if __name__ == "__main__":

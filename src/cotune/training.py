@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
 
 from .errors import UserError, warn
 from .files import atomic_path, sha256_file, write_json_atomic, write_run_record
+from .distributed import Layout
 from .settings import Settings
 
 FINGERPRINT_GROUPS = ("model", "data", "lora", "train")
@@ -29,8 +31,9 @@ def describe_difference(old: dict, new: dict) -> str:
     return "; ".join(changes) or "unknown difference"
 
 
-def check_previous_run(settings: Settings, fingerprint: dict) -> Path | None:
-    """The checkpoint to resume from, None for a fresh start; refuses to mix runs made with other settings."""
+def check_previous_run(settings: Settings, fingerprint: dict, world_size: int = 1) -> Path | None:
+    """The checkpoint to resume from, None for a fresh start; refuses to mix runs made with other settings, and
+    checkpoints saved by another number of processes unless ALLOW_WORLD_SIZE_CHANGE says so."""
     out = settings.stage_dir("train")
     checkpoints = out / "checkpoints"
     for label, recorded in (("a finished run", out / "fingerprint.json"),
@@ -48,7 +51,31 @@ def check_previous_run(settings: Settings, fingerprint: dict) -> Path | None:
             return None
         raise UserError(f"{out} holds {label} made with other settings ({describe_difference(old, fingerprint)}); "
                         "use another RUN_DIR, restore the settings, or set OVERWRITE=true to replace it")
-    return last_complete_checkpoint(checkpoints)
+    resume_from = last_complete_checkpoint(checkpoints)
+    if resume_from is not None:
+        check_resume_world_size(resume_from, world_size, settings.allow_world_size_change)
+    return resume_from
+
+
+def checkpoint_world_size(checkpoint: Path) -> int | None:
+    """How many processes saved a checkpoint, from the random states it holds: one file per process."""
+    if (checkpoint / "rng_state.pth").is_file():
+        return 1
+    return len(list(checkpoint.glob("rng_state_*.pth"))) or None
+
+
+def check_resume_world_size(checkpoint: Path, world_size: int, allowed: bool) -> None:
+    """A checkpoint holds one random state per process: it resumes exactly only under as many processes."""
+    saved_by = checkpoint_world_size(checkpoint)
+    if saved_by is None or saved_by == world_size:
+        return
+    change = f"{checkpoint} was saved by {saved_by} training process(es) and this run has {world_size}"
+    if not allowed:
+        raise UserError(f"{change}: resume with {saved_by} (NPROC_PER_NODE x NNODES), or set "
+                        f"ALLOW_WORLD_SIZE_CHANGE=true to go on with {world_size} (the same sequences per step; each "
+                        "process's random state starts anew)")
+    warn(f"ALLOW_WORLD_SIZE_CHANGE=true: {change}; going on with the same sequences per step, each process's "
+         "random state starting anew")
 
 
 def last_complete_checkpoint(checkpoints: Path) -> Path | None:
@@ -156,67 +183,196 @@ def training_dataset(rows: list[dict], settings: Settings):
     return Dataset.from_list([{"text": r["text"]} for r in rows])
 
 
-def run_train_stage(settings: Settings) -> dict:
-    from .backends import choose_backend, gradient_checkpointing_value, load_for_training
-    from .data import read_jsonl
-    from .models import resolve_model_path
-
+def finished_run(settings: Settings, fingerprint: dict) -> dict | None:
+    """The record of a training already finished with these settings and data (touched, so make sees it current)."""
     out = settings.stage_dir("train")
-    data = settings.stage_dir("data")
-    train_rows, eval_rows = read_jsonl(data / "train.jsonl"), read_jsonl(data / "eval.jsonl")
-    fingerprint = training_fingerprint(settings)
     if (out / "run.json").is_file() and (out / "fingerprint.json").is_file() and \
             json.loads((out / "fingerprint.json").read_text()) == fingerprint:
         print(f"{out}: already trained with these settings and data; nothing to do")
-        (out / "run.json").touch()  # tells make this stage is current
+        (out / "run.json").touch()
         return json.loads((out / "run.json").read_text())
-    resume_from = check_previous_run(settings, fingerprint)
+    return None
 
-    backend = choose_backend(settings)
+
+def preflight(settings: Settings, layout: Layout) -> dict | None:
+    """What the launcher of N processes checks before starting any: a finished run (returned: nothing to start) and
+    whether the checkpoints there may be resumed, so that these refusals are said once, before any model loads."""
+    fingerprint = training_fingerprint(settings)
+    done = finished_run(settings, fingerprint)
+    if done is None:
+        check_previous_run(settings, fingerprint, layout.world_size)
+    return done
+
+
+def sampling_strategy(split: str) -> str:
+    """transformers' train_sampling_strategy behind a split: every split but `random` draws through its rank-aware
+    batch_rebalance sampler."""
+    return "random" if split == "random" else "batch_rebalance"
+
+
+def trainer_class(base, split: str):
+    """trl's SFTTrainer (Unsloth's, once Unsloth patched it) with what training on N processes needs: each step's
+    sequences shared out as `split` says (cotune.sampling), drawn from the SEED (transformers passes its sampler
+    none, so it would always draw with 42), and every process's random state saved into a checkpoint through rank 0,
+    the only process that writes."""
+    import random
+
+    import numpy as np
+    import torch
+    from transformers.trainer_pt_utils import BatchRebalanceSampler
+
+    from .sampling import token_balanced
+
+    class CotuneTrainer(base):
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if isinstance(sampler, BatchRebalanceSampler):
+                sampler.seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+                if split == "tokens":
+                    sampler = token_balanced(sampler)
+            return sampler
+
+        def _save_rng_state(self, output_dir):
+            if self.args.world_size <= 1:
+                return super()._save_rng_state(output_dir)
+            import torch.distributed as dist
+
+            state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
+            if torch.cuda.is_available():
+                state["cuda"] = torch.cuda.random.get_rng_state_all()
+            states = [None] * self.args.world_size if self.args.process_index == 0 else None
+            dist.gather_object(state, states, dst=0)
+            if self.args.process_index == 0:
+                os.makedirs(output_dir, exist_ok=True)
+                for rank, rank_state in enumerate(states):
+                    torch.save(rank_state, os.path.join(output_dir, f"rng_state_{rank}.pth"))
+
+    return CotuneTrainer
+
+
+def quiet_progress() -> None:
+    """Progress bars and info logs from one process only: the others would print each line again."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def run_train_stage(settings: Settings) -> dict | None:
+    """Train on this process: alone, or as one of the N processes torchrun started (each with its own copy of the
+    model on its own device; DDP averages their gradients). Rank 0 alone writes and returns the run record."""
+    from .backends import choose_backend, gradient_checkpointing_value, load_for_training
+    from .data import read_jsonl
+    from .distributed import (decided_by_writer, end_process_group, gathered, plan, split_for, start_process_group,
+                              this_process)
+    from .models import resolve_model_path
+
+    me = this_process()
+    out = settings.stage_dir("train")
+    data = settings.stage_dir("data")
+    layout = plan(settings, nproc_per_node=me.local_world_size, nnodes=me.world_size // me.local_world_size)
+    backend = choose_backend(settings, quiet=not me.is_writer, world_size=me.world_size)
+    if backend.name == "unsloth":
+        import unsloth  # noqa: F401  (patches transformers, trl and peft: before any of them is imported)
+    if not me.is_writer:
+        quiet_progress()
+    start_process_group(me, backend.device)
+    train_rows, eval_rows = read_jsonl(data / "train.jsonl"), read_jsonl(data / "eval.jsonl")
+    fingerprint = training_fingerprint(settings)
+    if len({json.dumps(f, sort_keys=True) for f in gathered(me, fingerprint)}) > 1:
+        raise UserError(f"the training processes read different data or settings from {data}: every machine must "
+                        "run the data stage with the same settings (or share RUN_DIR)")
+    done = decided_by_writer(me, lambda: finished_run(settings, fingerprint))
+    if done is not None:
+        end_process_group()
+        return done if me.is_writer else None
+    resume_from = decided_by_writer(me, lambda: check_previous_run(settings, fingerprint, me.world_size))
+    if resume_from is not None and not all(gathered(me, Path(resume_from).is_dir())):
+        raise UserError(f"resuming from {resume_from}: some machines don't see it; a multi-machine run resumes only "
+                        "from a RUN_DIR that every machine shares (same path)")
+
     model_path = resolve_model_path(settings.base_model)
-    model, tokenizer = load_for_training(settings, backend, model_path)
+    model, tokenizer = load_for_training(settings, backend, model_path, device_index=me.local_rank)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if settings.disk_check:
-        check_disk_for_checkpoints(settings, trainable)
+        decided_by_writer(me, lambda: check_disk_for_checkpoints(settings, trainable))
 
+    import torch
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     checkpoints = out / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(checkpoints / "fingerprint.json", fingerprint)
-    metrics = MetricsLog(out / "metrics.jsonl", int(resume_from.name.split("-")[-1]) if resume_from else 0)
+    metrics = None
+    if me.is_writer:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(checkpoints / "fingerprint.json", fingerprint)
+        metrics = MetricsLog(out / "metrics.jsonl", int(resume_from.name.split("-")[-1]) if resume_from else 0)
     checkpointing = gradient_checkpointing_value(settings, backend)
+    split = split_for(backend.name)
+    start_eval = decided_by_writer(me, lambda: "start" not in metrics.eval_losses())
+    # On N processes the held-out loss at the start is taken inside train(), once DDP wraps the model: an evaluate()
+    # before train() marks the model prepared, train() then leaves it unwrapped, and the processes train apart
+    # without syncing gradients (transformers 5.17 + accelerate 1.15, seen on gloo).
+    eval_on_start = start_eval and me.distributed
     config = SFTConfig(
         output_dir=str(checkpoints), max_length=settings.max_seq_length, dataset_text_field="text", packing=False,
-        per_device_train_batch_size=settings.batch_size, per_device_eval_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.grad_accum, warmup_steps=settings.warmup_steps,
+        per_device_train_batch_size=layout.micro_batch, per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=layout.grad_accum, train_sampling_strategy=sampling_strategy(split),
+        ddp_find_unused_parameters=False, warmup_steps=settings.warmup_steps,
         max_steps=settings.max_steps, learning_rate=settings.learning_rate, optim=backend.optim,
         weight_decay=settings.weight_decay, lr_scheduler_type=settings.lr_scheduler, seed=settings.seed,
         logging_steps=settings.logging_steps, save_strategy="steps", save_steps=settings.save_steps,
-        save_total_limit=2, eval_strategy="no", report_to="none", bf16=backend.dtype == "bf16",
-        fp16=backend.dtype == "fp16", use_cpu=backend.device == "cpu",
+        save_total_limit=2, eval_strategy="no", eval_on_start=eval_on_start, report_to="none",
+        bf16=backend.dtype == "bf16", fp16=backend.dtype == "fp16", use_cpu=backend.device == "cpu",
         gradient_checkpointing=backend.name == "hf" and checkpointing is True,
         gradient_checkpointing_kwargs={"use_reentrant": False}, dataset_num_proc=1,
         completion_only_loss=settings.completion_only_loss)
 
     class _Log(TrainerCallback):
+        pending_start = eval_on_start
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            ddp = torch.nn.parallel.DistributedDataParallel
+            wrapped = [trainer.model_wrapped, *getattr(trainer.accelerator, "_models", [])]
+            if me.distributed and not any(isinstance(m, ddp) for m in wrapped):
+                raise RuntimeError("training on several processes without DDP: their gradients would not be synced")
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            result = kwargs.get("metrics") or {}
+            if self.pending_start and "eval_loss" in result:
+                self.pending_start = False
+                if metrics is not None:
+                    metrics.write({"eval": "start", "step": 0, "eval_loss": result["eval_loss"]})
+
         def on_log(self, args, state, control, logs=None, **kwargs):
-            metrics.on_log(state.global_step, logs or {})
+            if metrics is not None:
+                metrics.on_log(state.global_step, logs or {})
 
-    trainer = SFTTrainer(model=model, args=config, train_dataset=training_dataset(train_rows, settings),
-                         eval_dataset=training_dataset(eval_rows, settings), processing_class=tokenizer,
-                         callbacks=[_Log()])
+    callback = _Log()
+    trainer = trainer_class(SFTTrainer, split)(
+        model=model, args=config, train_dataset=training_dataset(train_rows, settings),
+        eval_dataset=training_dataset(eval_rows, settings), processing_class=tokenizer, callbacks=[callback])
     assert_eos_is_learned(trainer, tokenizer)
+    sampler = type(trainer._get_train_sampler()).__name__
 
-    if "start" not in metrics.eval_losses():
+    if start_eval and not eval_on_start:
         metrics.write({"eval": "start", "step": 0, "eval_loss": trainer.evaluate()["eval_loss"]})
-    if resume_from:
+    if resume_from and me.is_writer:
         print(f"resuming from {resume_from} (step {resume_from.name.split('-')[-1]} of {settings.max_steps})")
+    if me.is_writer and me.distributed:
+        print(f"training on {me.world_size} processes: {layout.describe()}", flush=True)
     started = time.monotonic()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.monotonic() - started
-    metrics.write({"eval": "end", "step": trainer.state.global_step, "eval_loss": trainer.evaluate()["eval_loss"]})
+    if callback.pending_start and me.is_writer:
+        warn("the held-out loss at the start was not taken (this trainer skipped eval_on_start); the record has none")
+    end_loss = trainer.evaluate()["eval_loss"]
+    if not me.is_writer:
+        end_process_group()
+        return None
+    metrics.write({"eval": "end", "step": trainer.state.global_step, "eval_loss": end_loss})
 
     with atomic_path(out / "adapter") as tmp:
         model.save_pretrained(tmp)
@@ -235,9 +391,13 @@ def run_train_stage(settings: Settings) -> dict:
         "perplexity_end": math.exp(evals["end"]) if "end" in evals else None,
         "median_tokens_per_s": sorted(rates)[len(rates) // 2] if rates else None,
         "train_seconds_this_process": round(train_seconds, 1), "resumed_from": str(resume_from) if resume_from else None,
+        "processes": {**layout.record(), "split": split, "sampler": sampler,
+                      "backend": ("nccl" if backend.device == "cuda" else "gloo") if me.distributed else None},
     }
     write_json_atomic(out / "fingerprint.json", fingerprint)
-    return write_run_record(out, settings.public_dict(),
-                            {"train": data / "train.jsonl", "eval": data / "eval.jsonl", "base_model": model_path},
-                            {"adapter": out / "adapter", "metrics": out / "metrics.jsonl", "loss_curve": out / "loss.png"},
-                            extra={"summary": summary})
+    record = write_run_record(out, settings.public_dict(),
+                              {"train": data / "train.jsonl", "eval": data / "eval.jsonl", "base_model": model_path},
+                              {"adapter": out / "adapter", "metrics": out / "metrics.jsonl", "loss_curve": out / "loss.png"},
+                              extra={"summary": summary})
+    end_process_group()
+    return record
