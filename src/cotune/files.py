@@ -81,10 +81,14 @@ def package_versions() -> dict[str, str]:
 
 def write_run_record(stage_dir: Path, settings_dump: dict, inputs: dict[str, Path], outputs: dict[str, Path],
                      extra: dict | None = None) -> dict:
-    """`run.json` beside a stage's outputs: resolved settings (no secrets), versions, input and output hashes."""
+    """`run.json` beside a stage's outputs: resolved settings (no secrets), versions, the hub commits of the model and
+    dataset used, input and output hashes."""
+    from .hubrepo import commits_for_record
+
     record = {
         "settings": settings_dump,
         "versions": package_versions(),
+        "hub_commits": commits_for_record(stage_dir),
         "inputs": {name: {"path": str(p), "sha256": sha256_any(p)} for name, p in inputs.items() if p.exists()},
         "outputs": {name: {"path": str(p), "sha256": sha256_any(p),
                            "bytes": p.stat().st_size if p.is_file() else None}

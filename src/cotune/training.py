@@ -159,7 +159,7 @@ def training_dataset(rows: list[dict], settings: Settings):
 def run_train_stage(settings: Settings) -> dict:
     from .backends import choose_backend, gradient_checkpointing_value, load_for_training
     from .data import read_jsonl
-    from .models import resolve_model_path
+    from .models import base_model_path
 
     out = settings.stage_dir("train")
     data = settings.stage_dir("data")
@@ -173,7 +173,7 @@ def run_train_stage(settings: Settings) -> dict:
     resume_from = check_previous_run(settings, fingerprint)
 
     backend = choose_backend(settings)
-    model_path = resolve_model_path(settings.base_model)
+    model_path = base_model_path(settings)
     model, tokenizer = load_for_training(settings, backend, model_path)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if settings.disk_check:
