@@ -116,7 +116,8 @@ def read_local_rows(path: Path) -> list[tuple[dict, str]]:
                         f"{', '.join(LOCAL_SUFFIXES)} or a hub dataset id")
     try:
         if suffix != ".parquet" and _is_blank(path):
-            raise UserError(f"{path}: the file is empty; put the dataset's rows in it, or point DATASET at another file")
+            raise UserError(f"{path}: the file is empty; put the dataset's rows in it, or point DATASET at another "
+                            "file")
         rows = READERS[suffix](path)
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text; save it as UTF-8") from None
@@ -143,7 +144,8 @@ def apply_split(table: list[tuple[dict, str]], split: Split) -> list[Row]:
     return [Row(table[i][0], table[i][1], (split.name, i)) for i in split.indices(len(table))]
 
 
-def _load_hub_split(settings: Settings, commit: str, name: str, setting: str, expression: str) -> list[tuple[dict, str]]:
+def _load_hub_split(settings: Settings, commit: str, name: str, setting: str,
+                    expression: str) -> list[tuple[dict, str]]:
     """All rows of one split of the hub dataset at `commit`, through datasets' own loader (the recipe's path)."""
     os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "false")  # else a HEAD to an S3 bucket, off the endpoint
     import datasets

@@ -57,12 +57,14 @@ def resolve_commit(kind: str, repo_id: str, revision: str, token: str) -> str:
                             f"{revision_setting}={revision!r}, and HF_HUB_OFFLINE=1 forbids downloading it; fetch it "
                             f"once online (the same HF_HOME), or give {instead}")
         return commit
+    import httpx
     from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError
 
     try:
         info = HfApi(token=token or False).repo_info(repo_id, repo_type=kind, revision=revision,
                                                      timeout=constants.HF_HUB_ETAG_TIMEOUT)
-    except Exception as err:
+    except (HfHubHTTPError, httpx.HTTPError, OSError, ValueError) as err:
         raise hub_failure(err, kind, repo_id, revision, token) from None
     return info.sha
 
@@ -128,8 +130,9 @@ def hub_failure(err: BaseException, kind: str, repo_id: str, revision: str, toke
     """One line for a failed Hub call: what failed, for which setting, and what to change."""
     import httpx
     from huggingface_hub import constants
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-                                        RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled, RemoteEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
     setting, revision_setting, instead = KINDS[kind]
     where = f"{setting}={repo_id!r}"
@@ -138,6 +141,8 @@ def hub_failure(err: BaseException, kind: str, repo_id: str, revision: str, toke
     cause = _root_cause(err)
     status = getattr(getattr(cause, "response", None), "status_code", None)
     offline_hint = "or set HF_HUB_OFFLINE=1 where the Hugging Face cache already holds it"
+    if isinstance(cause, HFValidationError):
+        return UserError(f"{where}: not a local {instead.split()[-1]} and not a hub id like user/name ({cause})")
     if isinstance(cause, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
         return UserError(f"{where}: not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it; "
                          f"fetch it once online, or give {instead}")
