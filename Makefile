@@ -47,7 +47,7 @@ endif
 DOCKER_RUN = docker run --rm --gpus all --ipc=host --user "$$(id -u):$$(id -g)" \
 	-v "$(abspath $(RUN))":/work/run -v "$(HF_CACHE)":/hf-cache -e HF_HOME=/hf-cache \
 	$(if $(wildcard $(ENV_FILE)),--env-file "$(ENV_FILE)") \
-	$(foreach n,$(filter-out RUN_DIR,$(SETTING_NAMES)) HF_HUB_OFFLINE COTUNE_MAKE_VARS,-e $(n)) \
+	$(foreach n,$(filter-out RUN_DIR,$(SETTING_NAMES)) HF_HUB_OFFLINE HF_ENDPOINT HF_HUB_ETAG_TIMEOUT HF_HUB_DOWNLOAD_TIMEOUT COTUNE_MAKE_VARS,-e $(n)) \
 	-e RUN_DIR=/work/run $(IMAGE) python /opt/cotune/scripts/
 HOST_RUN = $(PYTHON) scripts/
 ifeq ($(WHERE),docker)
