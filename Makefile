@@ -74,7 +74,7 @@ ENV_PATH := $(abspath $(ENV_FILE))
 DOCKER_RUN = $(DOCKER) run --rm --init --ipc=host $(if $(filter cuda,$(FLAVOR)),--gpus all) --user "$(DOCKER_USER)" \
 	-v "$(abspath $(RUN))":/work/run -v "$(HF_CACHE)":/hf-cache -v "$(CURDIR)":"$(CURDIR)":ro -w "$(CURDIR)" \
 	$(if $(wildcard $(ENV_FILE)),-v "$(ENV_PATH)":"$(ENV_PATH)":ro) -e COTUNE_ENV_FILE="$(ENV_PATH)" \
-	$(foreach n,$(filter-out RUN_DIR,$(SETTING_NAMES)) HF_HUB_OFFLINE HF_ENDPOINT COTUNE_MAKE_VARS COTUNE_SKIP_PREFLIGHT,-e $(n)) \
+	$(foreach n,$(filter-out RUN_DIR,$(SETTING_NAMES)) HF_HUB_OFFLINE HF_ENDPOINT HF_HUB_ETAG_TIMEOUT HF_HUB_DOWNLOAD_TIMEOUT COTUNE_MAKE_VARS COTUNE_SKIP_PREFLIGHT,-e $(n)) \
 	-e RUN_DIR=/work/run
 # $(call stage,SCRIPT ARGS[,DOCKER OPTIONS]): run one stage script where the stages run.
 ifeq ($(WHERE),docker)

@@ -30,7 +30,7 @@ def main(argv=None):
         return train_here(settings, lock=True)
 
     timer = StageTimer("train")
-    from cotune.models import resolve_model_path
+    from cotune.models import base_model_path
     from cotune.training import preflight
 
     writer_node = settings.node_rank == 0
@@ -38,7 +38,7 @@ def main(argv=None):
         done = preflight(settings, layout) if layout.nnodes == 1 else None
         if done is not None:
             return report(settings, timer, done)
-        resolve_model_path(settings.base_model)  # fetched or prepared once, before the processes start
+        base_model_path(settings)  # fetched or prepared once, before the processes start
         print(f"starting {layout.nproc_per_node} training processes on this machine through torchrun: "
               f"{layout.describe()}", flush=True)
         launch(settings, layout, __file__, argv)

@@ -2,19 +2,28 @@
 held-out rows, and write train/eval JSONL with token-length statistics."""
 from __future__ import annotations
 
+import codecs
 import csv
 import json
+import os
 import random
-import re
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
+from . import hubrepo
 from .errors import UserError, warn
 from .prompts import PromptTemplate
 from .settings import SAMPLE_DATASET, Settings
+from .splits import Split, parse_split
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-_SPLIT = re.compile(r"^(\w+)(?:\[\s*(-?\d*)(%?)\s*:\s*(-?\d*)(%?)\s*\])?$")
+
+
+class Row(NamedTuple):
+    values: dict
+    place: str  # where a user finds it: "d.jsonl:4", "d.json, record index 3", "user/data, train row index 7"
+    key: tuple  # the row's identity in the dataset: (split name, position in that split)
 
 
 def sample_dataset_path() -> Path:
@@ -31,9 +40,11 @@ def dataset_location(dataset: str) -> Path | None:
     return None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+# Each reader gives (row, place) pairs. Text is read as "utf-8-sig": Excel's "CSV UTF-8" (and some editors) start a
+# file with a byte-order mark, which would otherwise glue itself to the first column's name.
+def _read_jsonl(path: Path) -> list[tuple[dict, str]]:
     rows = []
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:
         for number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -43,11 +54,60 @@ def _read_jsonl(path: Path) -> list[dict]:
                 raise UserError(f"{path}:{number}: not valid JSON ({err.msg}); each line must be one JSON object")
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{number}: a line must be a JSON object with the dataset's columns")
-            rows.append(row)
+            rows.append((row, f"{path}:{number}"))
     return rows
 
 
-def read_local_rows(path: Path) -> list[dict]:
+def _read_json(path: Path) -> list[tuple[dict, str]]:
+    data = json.loads(path.read_text(encoding="utf-8-sig"))
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise UserError(f"{path}: a .json dataset must be a list of objects (or {{\"data\": [...]}})")
+    return [(row, f"{path}, record index {i}") for i, row in enumerate(data)]
+
+
+def _read_csv(path: Path) -> list[tuple[dict, str]]:
+    rows, header = [], None
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.reader(fh)
+        first_line = 1
+        try:
+            for values in reader:
+                line, first_line = first_line, reader.line_num + 1  # a quoted field may span lines
+                if not values:
+                    continue
+                if header is None:
+                    header = values
+                    continue
+                if len(values) > len(header) and any(v.strip() for v in values[len(header):]):
+                    raise UserError(f"{path}:{line}: {len(values)} fields but the header has {len(header)}; quote a "
+                                    "field that holds a comma")
+                rows.append(({name: values[i] if i < len(values) else None for i, name in enumerate(header)},
+                             f"{path}:{line}"))
+        except csv.Error as err:
+            raise UserError(f"{path}:{reader.line_num}: not valid CSV ({err})") from None
+    if header is not None and not rows:
+        raise UserError(f"{path}: a header line and no rows; add the rows below it")
+    return rows
+
+
+def _read_parquet(path: Path) -> list[tuple[dict, str]]:
+    import pyarrow.parquet as pq
+
+    return [(row, f"{path}, row index {i}") for i, row in enumerate(pq.read_table(path).to_pylist())]
+
+
+def _is_blank(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
+    return len(head) < 1 << 16 and not head.removeprefix(codecs.BOM_UTF8).strip()
+
+
+READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+
+
+def read_local_rows(path: Path) -> list[tuple[dict, str]]:
     if not path.is_file():
         raise UserError(f"DATASET={str(path)!r}: no such file")
     suffix = path.suffix.lower()
@@ -55,21 +115,10 @@ def read_local_rows(path: Path) -> list[dict]:
         raise UserError(f"DATASET={str(path)!r}: unknown file type {suffix or '(none)'}; use "
                         f"{', '.join(LOCAL_SUFFIXES)} or a hub dataset id")
     try:
-        if suffix == ".jsonl":
-            return _read_jsonl(path)
-        if suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(data, dict) and isinstance(data.get("data"), list):
-                data = data["data"]
-            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-                raise UserError(f"{path}: a .json dataset must be a list of objects (or {{\"data\": [...]}})")
-            return data
-        if suffix == ".csv":
-            with open(path, encoding="utf-8", newline="") as fh:
-                return list(csv.DictReader(fh))
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
+        if suffix != ".parquet" and _is_blank(path):
+            raise UserError(f"{path}: the file is empty; put the dataset's rows in it, or point DATASET at another "
+                            "file")
+        rows = READERS[suffix](path)
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text; save it as UTF-8") from None
     except json.JSONDecodeError as err:
@@ -78,84 +127,128 @@ def read_local_rows(path: Path) -> list[dict]:
         if isinstance(err, UserError):
             raise
         raise UserError(f"{path}: can't read it as {suffix[1:]} ({type(err).__name__}: {err})") from None
+    if not rows:
+        raise UserError(f"{path}: holds no rows; put the dataset's rows in it, or point DATASET at another file")
+    return rows
 
 
-def apply_split(rows: list[dict], expression: str, setting: str) -> list[dict]:
-    """`train`, `train[0:200]`, `train[:10%]` on a local file's rows (which form one split, `train`)."""
-    match = _SPLIT.match(expression.strip())
-    if not match:
-        raise UserError(f"{setting}={expression!r}: not a split expression like train or train[0:200]")
-    name, start, start_pct, stop, stop_pct = match.groups()
-    if name != "train":
-        raise UserError(f"{setting}={expression!r}: a local file has one split, 'train'")
-
-    def bound(value: str | None, pct: str | None) -> int | None:
-        if not value:
-            return None
-        return round(len(rows) * int(value) / 100) if pct else int(value)
-
-    return rows[bound(start, start_pct):bound(stop, stop_pct)]
+def parse_split_setting(expression: str, setting: str) -> Split:
+    try:
+        return parse_split(expression)
+    except ValueError as err:
+        raise UserError(f"{setting}={expression!r}: {err}") from None
 
 
-def _load_hub_rows(settings: Settings, split: str, setting: str) -> list[dict]:
+def apply_split(table: list[tuple[dict, str]], split: Split) -> list[Row]:
+    """The rows a split expression picks from its split's rows, each keeping its place and position."""
+    return [Row(table[i][0], table[i][1], (split.name, i)) for i in split.indices(len(table))]
+
+
+def _load_hub_split(settings: Settings, commit: str, name: str, setting: str,
+                    expression: str) -> list[tuple[dict, str]]:
+    """All rows of one split of the hub dataset at `commit`, through datasets' own loader (the recipe's path)."""
+    os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "false")  # else a HEAD to an S3 bucket, off the endpoint
     import datasets
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError
 
     datasets.utils.logging.set_verbosity_error()
     try:
-        ds = datasets.load_dataset(settings.dataset, settings.dataset_config or None, split=split)
+        ds = datasets.load_dataset(settings.dataset, settings.dataset_config or None, split=name, revision=commit,
+                                   token=settings.hf_token or False)
     except ValueError as err:
-        if "split" in str(err).lower() or "slice" in str(err).lower():
-            raise UserError(f"{setting}={split!r}: {err}") from None
-        raise UserError(f"DATASET={settings.dataset!r}: {err}") from None
-    except Exception as err:  # datasets raises many types for "not found / offline"
-        raise UserError(f"DATASET={settings.dataset!r}: not a local file and can't be loaded from the Hugging Face "
-                        f"cache or Hub ({type(err).__name__}); on a machine without network use a local file or "
-                        "PRESET=demo") from None
-    return ds.to_list()
+        if "split" in str(err).lower():
+            raise UserError(f"{setting}={expression!r}: {settings.dataset}: {err}") from None
+        if "config" in str(err).lower():
+            raise UserError(f"DATASET_CONFIG={settings.dataset_config!r}: {settings.dataset}: {err}") from None
+        raise hubrepo.hub_failure(err, "dataset", settings.dataset, commit, settings.hf_token) from None
+    except (OSError, HfHubHTTPError, httpx.HTTPError, datasets.exceptions.DatasetsError) as err:
+        raise hubrepo.hub_failure(err, "dataset", settings.dataset, commit, settings.hf_token) from None
+    cached = {Path(f["filename"]).parent.name for f in ds.cache_files}
+    if hubrepo.offline() and cached != {commit}:
+        raise UserError(f"DATASET={settings.dataset!r}: the datasets cache holds it at commit {', '.join(cached)}, "
+                        f"not {commit} (DATASET_REVISION={settings.dataset_revision!r}); fetch that commit once online")
+    return [(row, f"{settings.dataset}, {name} row index {i}") for i, row in enumerate(ds.to_list())]
 
 
-def load_rows(settings: Settings) -> tuple[list[dict], list[dict], Path | None]:
+def load_rows(settings: Settings) -> tuple[list[Row], list[Row], Path | None]:
     """Training rows, held-out rows, and the local file they came from (None for the Hub)."""
     location = dataset_location(settings.dataset)
+    train_split = parse_split_setting(settings.dataset_split, "DATASET_SPLIT")
+    eval_split = parse_split_setting(settings.eval_split, "EVAL_SPLIT") if settings.eval_split else None
+    wanted = [("DATASET_SPLIT", settings.dataset_split, train_split)]
+    if eval_split:
+        wanted.append(("EVAL_SPLIT", settings.eval_split, eval_split))
+    tables = {}
     if location is not None:
-        everything = read_local_rows(location)
-        train = apply_split(everything, settings.dataset_split, "DATASET_SPLIT")
-        held = apply_split(everything, settings.eval_split, "EVAL_SPLIT") if settings.eval_split else None
+        hubrepo.USED["dataset"] = None
+        if settings.dataset_revision != "main":
+            warn(f"DATASET_REVISION={settings.dataset_revision!r} applies to a hub dataset only; {location} is read "
+                 "as it is")
+        for setting, expression, split in wanted:
+            if split.name != "train":
+                raise UserError(f"{setting}={expression!r}: a local file has one split, 'train'")
+        tables["train"] = read_local_rows(location)
     else:
-        train = _load_hub_rows(settings, settings.dataset_split, "DATASET_SPLIT")
-        held = _load_hub_rows(settings, settings.eval_split, "EVAL_SPLIT") if settings.eval_split else None
-    if held is None:
-        if len(train) <= settings.eval_size:
-            raise UserError(f"EVAL_SIZE={settings.eval_size}: the split has only {len(train)} rows; lower EVAL_SIZE "
-                            "or set EVAL_SPLIT")
-        order = list(range(len(train)))
-        random.Random(settings.seed).shuffle(order)
-        held_idx = set(order[: settings.eval_size])
-        held = [r for i, r in enumerate(train) if i in held_idx]
-        train = [r for i, r in enumerate(train) if i not in held_idx]
-    return train, held, location
+        commit = hubrepo.resolve_commit("dataset", settings.dataset, settings.dataset_revision, settings.hf_token)
+        for setting, expression, split in wanted:
+            if split.name not in tables:
+                tables[split.name] = _load_hub_split(settings, commit, split.name, setting, expression)
+        hubrepo.record("dataset", "dataset", settings.dataset, settings.dataset_revision, commit)
+    train = apply_split(tables[train_split.name], train_split)
+    if eval_split:
+        return train, apply_split(tables[eval_split.name], eval_split), location
+    if len(train) <= settings.eval_size:
+        raise UserError(f"EVAL_SIZE={settings.eval_size}: the split has only {len(train)} rows; lower EVAL_SIZE "
+                        "or set EVAL_SPLIT")
+    order = list(range(len(train)))
+    random.Random(settings.seed).shuffle(order)
+    held_idx = set(order[: settings.eval_size])
+    return ([r for i, r in enumerate(train) if i not in held_idx], [r for i, r in enumerate(train) if i in held_idx],
+            location)
 
 
-def check_rows(rows: list[dict], settings: Settings, where: str) -> None:
+def check_rows(rows: list[Row], settings: Settings, where: str) -> None:
     columns = (settings.question_column, settings.cot_column, settings.response_column)
     if not rows:
         raise UserError(f"{where}: no rows; check DATASET and the split expressions")
-    available = list(rows[0].keys())
+    available = list(rows[0].values.keys())
     for column, setting in zip(columns, ("QUESTION_COLUMN", "COT_COLUMN", "RESPONSE_COLUMN")):
-        if column not in rows[0]:
+        if column not in rows[0].values:
             raise UserError(f"{where}: no column {column!r} ({setting}); the columns are {', '.join(available)}")
-    for index, row in enumerate(rows):
+    for row in rows:
         for column in columns:
-            value = row.get(column)
+            value = row.values.get(column)
             if value is None or not isinstance(value, str) or not value.strip():
-                state = "missing" if column not in row else ("null" if value is None else "empty or not text")
-                raise UserError(f"{where}: row {index} field {column!r} is {state}; fix or remove that row")
+                state = "missing" if column not in row.values else ("null" if value is None else "empty or not text")
+                raise UserError(f"{row.place}: field {column!r} is {state}; fix or remove that row")
 
 
-def render_rows(rows: list[dict], settings: Settings, template: PromptTemplate, tokenizer) -> list[dict]:
+def check_held_out(train: list[Row], held: list[Row], settings: Settings) -> None:
+    """Held-out rows are never training rows (by position, whatever the expressions say); rows that repeat a
+    training row word for word are allowed, with a warning."""
+    shared = sorted({r.key for r in train} & {r.key for r in held})
+    if shared:
+        first = next(r.place for r in held if r.key == shared[0])
+        raise UserError(f"EVAL_SPLIT={settings.eval_split!r}: {len(shared)} of its {len(held)} rows are also in "
+                        f"DATASET_SPLIT={settings.dataset_split!r} (the first: {first}); held-out rows must not be "
+                        "trained on, give EVAL_SPLIT rows outside DATASET_SPLIT")
+    columns = (settings.question_column, settings.cot_column, settings.response_column)
+    trained = {}
+    for row in train:
+        trained.setdefault(tuple(row.values[c].strip() for c in columns), row)
+    repeats = [(row, trained[key]) for row in held if (key := tuple(row.values[c].strip() for c in columns)) in trained]
+    if repeats:
+        held_row, train_row = repeats[0]
+        warn(f"{len(repeats)} of {len(held)} held-out rows repeat a training row word for word (the first: "
+             f"{held_row.place} = {train_row.place}); their held-out loss measures recall, not generalisation. "
+             "Remove the duplicates from the dataset")
+
+
+def render_rows(rows: list[Row], settings: Settings, template: PromptTemplate, tokenizer) -> list[dict]:
     eos = tokenizer.eos_token
     out = []
-    for row in rows:
+    for row in (r.values for r in rows):
         question = row[settings.question_column].strip()
         text = template.training_text(question, row[settings.cot_column].strip(),
                                       row[settings.response_column].strip(), eos)
@@ -207,7 +300,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def run_data_stage(settings: Settings) -> dict:
     """Load, check, render, split and write; returns the statistics it wrote."""
     from .files import write_json_atomic, write_run_record
-    from .models import load_tokenizer, resolve_model_path
+    from .models import base_model_path, load_tokenizer
     from .prompts import load_template
 
     template = load_template(settings.template)
@@ -215,7 +308,8 @@ def run_data_stage(settings: Settings) -> dict:
     where = str(location) if location else settings.dataset
     check_rows(train_rows, settings, f"{where} ({settings.dataset_split})")
     check_rows(eval_rows, settings, f"{where} (held-out rows)")
-    tokenizer = load_tokenizer(resolve_model_path(settings.base_model))
+    check_held_out(train_rows, eval_rows, settings)
+    tokenizer = load_tokenizer(base_model_path(settings))
     train, dropped_train = drop_overlong(render_rows(train_rows, settings, template, tokenizer),
                                          settings.max_seq_length, f"{where} training rows")
     held, dropped_eval = drop_overlong(render_rows(eval_rows, settings, template, tokenizer),

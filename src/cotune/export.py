@@ -201,14 +201,14 @@ def quantize_gguf(source: Path, outfile: Path, quant: str, threads: int = 0) -> 
 
 def run_export_stage(settings: Settings) -> dict:
     started = time.monotonic()
-    from .models import count_parameters, preflight_memory, resolve_model_path
+    from .models import base_model_path, count_parameters, preflight_memory
     from .prompts import load_template
 
     out = settings.stage_dir("export")
     adapter = settings.stage_dir("train") / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{adapter}: no trained adapter; run `make train` first")
-    base = resolve_model_path(settings.base_model)
+    base = base_model_path(settings)
     template = load_template(settings.template)
     import torch
 

@@ -81,8 +81,11 @@ def package_versions() -> dict[str, str]:
 
 def write_run_record(stage_dir: Path, settings_dump: dict, inputs: dict[str, Path], outputs: dict[str, Path],
                      extra: dict | None = None, known_sha256: dict[Path, str] | None = None) -> dict:
-    """`run.json` beside a stage's outputs: resolved settings (no secrets), versions, input and output hashes
-    (`known_sha256`: those the stage already took, e.g. while writing, so gigabytes aren't read twice)."""
+    """`run.json` beside a stage's outputs: resolved settings (no secrets), versions, the hub commits of the model and
+    dataset used, input and output hashes (`known_sha256`: those the stage already took, e.g. while writing, so
+    gigabytes aren't read twice)."""
+    from .hubrepo import commits_for_record
+
     known = known_sha256 or {}
 
     def sha256(p: Path) -> str:
@@ -91,6 +94,7 @@ def write_run_record(stage_dir: Path, settings_dump: dict, inputs: dict[str, Pat
     record = {
         "settings": settings_dump,
         "versions": package_versions(),
+        "hub_commits": commits_for_record(stage_dir),
         "inputs": {name: {"path": str(p), "sha256": sha256(p)} for name, p in inputs.items() if p.exists()},
         "outputs": {name: {"path": str(p), "sha256": sha256(p),
                            "bytes": p.stat().st_size if p.is_file() else None}

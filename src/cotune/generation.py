@@ -57,11 +57,11 @@ def questions_to_ask(settings: Settings) -> list[tuple[str, str]]:
 def run_ask_stage(settings: Settings, which: str) -> dict:
     from .backends import choose_backend, load_for_generation
     from .files import write_json_atomic, write_run_record
-    from .models import resolve_model_path
+    from .models import base_model_path
     from .prompts import load_template
 
     template = load_template(settings.template)
-    model_path = resolve_model_path(settings.base_model)
+    model_path = base_model_path(settings)
     adapter = None
     inputs: dict[str, Path] = {}
     if which == "after":

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .files import sha256_file, write_json_atomic, write_text_atomic
+from .hubrepo import commits_sentence
 from .prompts import PromptTemplate
 from .settings import Settings
 
@@ -47,6 +48,7 @@ def model_card(settings: Settings, export: dict, verify: dict, report: dict | No
         f"LoRA r {s['lora_r']}, alpha {s['lora_alpha']} on {', '.join(s['target_modules'])}; {s['max_steps']} steps, "
         f"batch {s['batch_size']} x {s['grad_accum']}, learning rate {s['learning_rate']}, max length "
         f"{s['max_seq_length']}; merged into {export['merge']['merged_into']}.", "",
+        *([commits_sentence(export["hub_commits"]), ""] if export.get("hub_commits") else []),
         "## Verify checks (the Q8_0 file, before upload)", "", "| check | result | detail |", "|---|---|---|"]
     lines += [f"| {c['check']} | {({True: 'pass', False: 'FAIL', None: 'skipped'})[c['passed']]} | {c['detail']} |"
               for c in verify["checks"]]

@@ -96,47 +96,47 @@ def gguf_special_token_ids(gguf: Path) -> dict[str, int]:
     return ids
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+HUB_MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"]
 
 
-def resolve_model_path(base_model: str) -> Path:
+def base_model_path(settings) -> Path:
+    """The folder of BASE_MODEL at MODEL_REVISION, fetched with HF_TOKEN when it is a hub id."""
+    return resolve_model_path(settings.base_model, settings.model_revision, settings.hf_token)
+
+
+def resolve_model_path(base_model: str, revision: str = "main", token: str = "") -> Path:
     """A local folder holding config.json and safetensors weights for `base_model`, or a UserError saying what
-    was looked for."""
-    if base_model == EMBEDDED_MODEL:
-        return embedded_hf_folder()
+    was looked for. A hub id is resolved to one commit first, and that commit is what is fetched and recorded."""
+    from . import hubrepo
+
     path = Path(base_model).expanduser()
-    if path.exists() or base_model.startswith((".", "/", "~")):
+    if base_model == EMBEDDED_MODEL or path.exists() or base_model.startswith((".", "/", "~")):
+        hubrepo.USED["base_model"] = None
+        if revision != "main":
+            warn(f"MODEL_REVISION={revision!r} applies to a hub id only; BASE_MODEL={base_model!r} is used as it is")
+        if base_model == EMBEDDED_MODEL:
+            return embedded_hf_folder()
         if not (path / "config.json").is_file():
             raise UserError(f"BASE_MODEL={base_model!r}: {path} is not a model folder (no config.json there); "
                             "give a folder saved with save_pretrained, or a hub id")
         require_safetensors(path)
         return path
+    import httpx
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError
 
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"]
+    commit = hubrepo.resolve_commit("model", base_model, revision, token)
     try:
-        local = Path(snapshot_download(base_model, allow_patterns=patterns, local_files_only=True))
-        require_safetensors(local)
-        return local
-    except LocalEntryNotFoundError:
-        if _offline():
-            raise UserError(f"BASE_MODEL={base_model!r}: not in the Hugging Face cache "
-                            f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}) and HF_HUB_OFFLINE=1 forbids "
-                            "downloading it; download it once online, or give a local folder") from None
-    try:
-        local = Path(snapshot_download(base_model, allow_patterns=patterns,
-                                       token=os.environ.get("HF_TOKEN") or None))
-    except RepositoryNotFoundError:
-        raise UserError(f"BASE_MODEL={base_model!r}: no such model on the Hub (or it is gated and HF_TOKEN is "
-                        "missing or lacks access)") from None
-    except (HfHubHTTPError, OSError, ValueError) as err:
-        reason = type(err).__name__
-        raise UserError(f"BASE_MODEL={base_model!r}: not a local folder, not in the Hugging Face cache, and the Hub "
-                        f"is unreachable ({reason}); on a machine without network give a local folder or "
-                        "PRESET=demo") from None
+        local = Path(snapshot_download(base_model, revision=commit, allow_patterns=HUB_MODEL_FILES,
+                                       token=token or False, local_files_only=hubrepo.offline()))
+    except (HfHubHTTPError, httpx.HTTPError, OSError, ValueError) as err:
+        if hubrepo.offline():
+            raise UserError(f"BASE_MODEL={base_model!r}: the Hugging Face cache holds commit {commit} only in part "
+                            f"({type(err).__name__}), and HF_HUB_OFFLINE=1 forbids fetching the rest; fetch it once "
+                            "online, or give a local folder") from None
+        raise hubrepo.hub_failure(err, "model", base_model, commit, token) from None
     require_safetensors(local)
+    hubrepo.record("base_model", "model", base_model, revision, commit)
     return local
 
 

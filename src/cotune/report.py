@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .files import atomic_path, write_json_atomic, write_text_atomic
+from .hubrepo import commits_sentence
 from .settings import Settings
 from .verification import GREEDY
 
@@ -108,6 +109,7 @@ def collect(settings: Settings) -> dict:
     return {
         "title": f"cotune report: {Path(ggufs['Q8_0']).name}",
         "settings": data["settings"] | train["settings"],
+        "hub_commits": train.get("hub_commits", {}),
         "versions": train["versions"],
         "dataset": {"name": data["dataset"], "sha256": data["inputs"].get("dataset", {}).get("sha256"),
                     "train_rows": data["stats"]["train"]["rows"], "eval_rows": data["stats"]["eval"]["rows"]},
@@ -142,6 +144,7 @@ def render_markdown(r: dict, image_name: str) -> str:
     lines = [f"# {r['title']}", "", f"Verify: **{'PASSED' if r['verify_passed'] else 'FAILED'}**. "
              f"Dataset {r['dataset']['name']} (sha256 {_fmt(r['dataset']['sha256'])}), {r['dataset']['train_rows']} "
              f"training rows, {r['dataset']['eval_rows']} held out. Greedy decoding, seed {r['decoding']['seed']}.", "",
+             *([commits_sentence(r["hub_commits"]), ""] if r.get("hub_commits") else []),
              f"![training and held-out loss]({image_name})", "",
              f"## Held-out loss ({r['eval_rows_for_loss']} rows)", "", "| | before | after |", "|---|---|---|",
              f"| loss | {_fmt(t['eval_loss_start'])} | {_fmt(t['eval_loss_end'])} |",
@@ -191,6 +194,7 @@ def render_html(r: dict, png: bytes) -> str:
         f"{'PASSED' if r['verify_passed'] else 'FAILED'}</b>. Dataset {e(r['dataset']['name'])} (sha256 "
         f"<code>{e(str(r['dataset']['sha256']))}</code>), {r['dataset']['train_rows']} training rows, "
         f"{r['dataset']['eval_rows']} held out. Greedy decoding, seed {r['decoding']['seed']}.</p>",
+        f"<p>{commits_sentence(r['hub_commits'], lambda t: f'<code>{e(t)}</code>')}</p>" if r.get("hub_commits") else "",
         "<img id='loss-curve' alt='training and held-out loss' src='data:image/png;base64,"
         + base64.b64encode(png).decode() + "'>",
         f"<h2>Held-out loss ({r['eval_rows_for_loss']} rows)</h2>",

