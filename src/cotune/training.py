@@ -14,12 +14,10 @@ from .files import atomic_path, sha256_file, write_json_atomic, write_run_record
 from .distributed import Layout
 from .settings import Settings
 
-FINGERPRINT_GROUPS = ("model", "data", "lora", "train")
-
 
 def training_fingerprint(settings: Settings) -> dict:
     data = settings.stage_dir("data")
-    return {"settings": settings.fingerprint(*FINGERPRINT_GROUPS),
+    return {"settings": settings.stage_settings("train"),
             "train_sha256": sha256_file(data / "train.jsonl"), "eval_sha256": sha256_file(data / "eval.jsonl")}
 
 
