@@ -383,7 +383,7 @@ def test_cloud_recipes_are_valid_skypilot_tasks(skypilot, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(f"SkyPilot parsed both task files in {time.monotonic() - start:.1f} s")
     parsed = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert parsed["bad"].startswith("ValueError: Invalid task YAML"), parsed["bad"]  # the parser does refuse
+    assert "Invalid task YAML" in parsed["bad"], parsed["bad"]  # the parser does refuse
     one, two = parsed[str(files[0])], parsed[str(files[1])]
     assert (one["num_nodes"], two["num_nodes"]) == (1, 2)
     for task in (one, two):

@@ -250,7 +250,7 @@ def test_training_settings_decide_train_and_not_data_or_baseline():
         assert name not in STAGE_SETTINGS["data"] and name not in STAGE_SETTINGS["baseline"], name
     # the data stage reads its own settings, the seed (carved held-out rows), the tokenizer and the length limit
     data_group = {n for n in FIELDS if FIELDS[n].metadata["group"] == "data"}
-    assert set(STAGE_SETTINGS["data"]) == data_group | {"seed", "base_model", "max_seq_length"}
+    assert set(STAGE_SETTINGS["data"]) == data_group | {"seed", "base_model", "model_revision", "max_seq_length"}
 
 
 # --- secrets ---

@@ -366,23 +366,27 @@ FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 # DECIDES_NO_OUTPUT (a test keeps it so).
 STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     # the tokenizer (EOS, token counts) and MAX_SEQ_LENGTH decide which rows are kept; SEED picks carved held-out rows
-    "data": ("base_model", "max_seq_length", "dataset", "dataset_config", "dataset_split", "eval_split", "eval_size",
+    "data": ("base_model", "model_revision", "max_seq_length", "dataset", "dataset_revision", "dataset_config",
+             "dataset_split", "eval_split", "eval_size",
              "question_column", "cot_column", "response_column", "template", "seed"),
-    "baseline": ("base_model", "max_seq_length", "backend", "dtype", "load_in_4bit", "template", "probe_question",
+    "baseline": ("base_model", "model_revision", "max_seq_length", "backend", "dtype", "load_in_4bit", "template", "probe_question",
                  "max_new_tokens_before", "eval_questions"),
-    "train": ("base_model", "max_seq_length", "backend", "dtype", "load_in_4bit", "offload_embedding", "lora_r",
+    "train": ("base_model", "model_revision", "max_seq_length", "backend", "dtype", "load_in_4bit",
+              "offload_embedding", "nproc_per_node", "nnodes", "lora_r",
               "lora_alpha", "lora_dropout", "lora_bias", "target_modules", "gradient_checkpointing", "random_state",
               "use_rslora", "use_loftq", "batch_size", "grad_accum", "warmup_steps", "max_steps", "learning_rate",
               "optim", "weight_decay", "lr_scheduler", "completion_only_loss", "seed", "logging_steps", "save_steps"),
-    "after": ("base_model", "max_seq_length", "backend", "dtype", "load_in_4bit", "template", "probe_question",
+    "after": ("base_model", "model_revision", "max_seq_length", "backend", "dtype", "load_in_4bit", "template", "probe_question",
               "max_new_tokens_after", "eval_questions"),
-    "export": ("base_model", "load_in_4bit", "template", "probe_question", "gguf_quants", "gguf_name"),
+    "export": ("base_model", "model_revision", "load_in_4bit", "template", "probe_question", "gguf_quants", "gguf_name"),
     "verify": ("template", "probe_question", "max_new_tokens_after"),
     "report": ("template", "eval_questions", "max_new_tokens_after"),
 }
 # Where outputs go, whether to replace them, safety checks, and what only push reads (it runs every time).
+# Where the training processes meet (NODE_RANK, MASTER_ADDR/PORT) doesn't change what they compute.
 DECIDES_NO_OUTPUT = ("preset", "run_dir", "overwrite", "disk_check", "hub_repo_id", "hub_private", "hub_license",
-                     "hub_language", "hub_timeout", "hf_token")
+                     "hub_language", "hub_timeout", "hf_token", "node_rank", "master_addr", "master_port",
+                     "allow_world_size_change")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The reference recipe's 8 sequences per optimizer step as 4 x 2 instead of 2 x 4: the same loss curve at about
