@@ -176,8 +176,9 @@ def test_only_rank_0_writes(ddp_runs):
     writes = {who: [line for line in lines if line] for who, lines in logs.items()}
     assert set(writes) >= {"launcher", "0", "1"}, writes.keys()
     assert writes["1"] == [], writes["1"][:10]
-    assert {line.split(" ", 1)[1] for line in writes["launcher"]} == {
-        os.path.realpath(ddp_runs["two"] / "train" / ".lock")}, "the launcher holds the stage lock, nothing more"
+    stage = os.path.realpath(ddp_runs["two"] / "train")
+    assert {line.split(" ", 1)[1] for line in writes["launcher"]} == {stage, os.path.join(stage, ".lock")}, \
+        "the launcher makes the stage folder and holds its lock, nothing more"
     rank0 = {Path(line.split(" ", 1)[1]).name for line in writes["0"]}  # atomic writes: NAME in a .tmp-* folder
     assert {"metrics.jsonl", "run.json", "fingerprint.json", "adapter"} <= rank0, sorted(rank0)
     # every process's random state is in each checkpoint, written by rank 0
