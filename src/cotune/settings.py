@@ -372,7 +372,7 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "baseline": ("base_model", "model_revision", "max_seq_length", "backend", "dtype", "load_in_4bit", "template", "probe_question",
                  "max_new_tokens_before", "eval_questions"),
     "train": ("base_model", "model_revision", "max_seq_length", "backend", "dtype", "load_in_4bit",
-              "offload_embedding", "nproc_per_node", "nnodes", "lora_r",
+              "offload_embedding", "lora_r",
               "lora_alpha", "lora_dropout", "lora_bias", "target_modules", "gradient_checkpointing", "random_state",
               "use_rslora", "use_loftq", "batch_size", "grad_accum", "warmup_steps", "max_steps", "learning_rate",
               "optim", "weight_decay", "lr_scheduler", "completion_only_loss", "seed", "logging_steps", "save_steps"),
@@ -383,10 +383,11 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "report": ("template", "eval_questions", "max_new_tokens_after"),
 }
 # Where outputs go, whether to replace them, safety checks, and what only push reads (it runs every time).
-# Where the training processes meet (NODE_RANK, MASTER_ADDR/PORT) doesn't change what they compute.
+# How many processes share a step and where they meet don't change the sequences each step trains on; a checkpoint's
+# number of processes is checked by training itself (ALLOW_WORLD_SIZE_CHANGE).
 DECIDES_NO_OUTPUT = ("preset", "run_dir", "overwrite", "disk_check", "hub_repo_id", "hub_private", "hub_license",
-                     "hub_language", "hub_timeout", "hf_token", "node_rank", "master_addr", "master_port",
-                     "allow_world_size_change")
+                     "hub_language", "hub_timeout", "hf_token", "nproc_per_node", "nnodes", "node_rank", "master_addr",
+                     "master_port", "allow_world_size_change")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The reference recipe's 8 sequences per optimizer step as 4 x 2 instead of 2 x 4: the same loss curve at about
