@@ -189,21 +189,21 @@ def test_only_rank_0_writes(ddp_runs):
 
 @pytest.mark.slow
 def test_checkpoints_resume_under_as_many_processes_and_refuse_another_number(ddp_runs, tmp_path):
+    """A run stopped after its step-2 checkpoint (as a kill leaves it: checkpoint and metrics so far)."""
     run = copy_data(ddp_runs["two"], tmp_path / "run")
     (run / "train" / "checkpoints").mkdir(parents=True)
-    for name in ("checkpoint-2", "fingerprint.json"):
-        source = ddp_runs["two"] / "train" / "checkpoints" / name
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, run / "train" / "checkpoints" / name)
+    for name in ("checkpoints/checkpoint-2", "checkpoints/fingerprint.json", "metrics.jsonl"):
+        source = ddp_runs["two"] / "train" / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, run / "train" / name)
     refused = run_script("train", *SHORT, "--run-dir", str(run), env=ddp_runs["env"], timeout=300)
     assert_user_error(refused, "checkpoint-2 was saved by 2 training process(es) and this run has 1",
                       "resume with 2 (NPROC_PER_NODE x NNODES), or set ALLOW_WORLD_SIZE_CHANGE=true")
-    assert not (run / "train" / "metrics.jsonl").exists()
+    assert not (run / "train" / "run.json").exists()
     resumed = run_script("train", *SHORT, "--run-dir", str(run), "--nproc-per-node", "2", env=ddp_runs["env"],
                          check=True)
     assert "resuming from" in resumed.stdout + resumed.stderr
-    again, first = losses(run), losses(ddp_runs["two"])
-    assert set(again) == {3, 4, ("eval", "end")}  # the resumed run logs from its checkpoint on
-    assert all(abs(again[k] - first[k]) < 1e-4 for k in again), (again, first)
+    # steps 3 and 4 and the held-out loss at the end, as the uninterrupted run had them
+    assert losses(run) == pytest.approx(losses(ddp_runs["two"]), abs=1e-4)
 
 
 @pytest.mark.slow

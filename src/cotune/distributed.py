@@ -206,6 +206,18 @@ def decided_by_writer(process: Process, decide: Callable[[], Any]) -> Any:
     return value
 
 
+def on_every_process(process: Process, work: Callable[[], Any]) -> Any:
+    """Run `work` on every rank; a user error on any of them is raised on all (none is left waiting for it)."""
+    try:
+        value, problem = work(), None
+    except UserError as err:
+        value, problem = None, str(err)
+    problems = [p for p in gathered(process, problem) if p]
+    if problems:
+        raise UserError(problems[0])
+    return value
+
+
 def gathered(process: Process, value: Any) -> list:
     """`value` from every rank, in rank order (every rank calls this)."""
     if not process.distributed:

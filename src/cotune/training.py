@@ -9,9 +9,9 @@ import shutil
 import time
 from pathlib import Path
 
+from .distributed import Layout
 from .errors import UserError, warn
 from .files import atomic_path, sha256_file, write_json_atomic, write_run_record
-from .distributed import Layout
 from .settings import Settings
 
 
@@ -230,6 +230,16 @@ def trainer_class(base, split: str):
                     sampler = token_balanced(sampler)
             return sampler
 
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            if checkpoint is None or self.args.world_size <= 1 or self.args.device.type != "cpu":
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            # CPU processes: transformers loads onto args.device, "cpu:<rank>", a location torch.load can't restore
+            from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+            self.optimizer.load_state_dict(torch.load(os.path.join(checkpoint, OPTIMIZER_NAME), map_location="cpu",
+                                                      weights_only=True))
+            self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
+
         def _save_rng_state(self, output_dir):
             if self.args.world_size <= 1:
                 return super()._save_rng_state(output_dir)
@@ -248,6 +258,58 @@ def trainer_class(base, split: str):
     return CotuneTrainer
 
 
+def sft_config(settings: Settings, backend, layout: Layout, split: str, checkpoints: Path, eval_on_start: bool):
+    """trl's SFTConfig for the recipe, on one process or as one of N (its share of each step: `layout`)."""
+    from trl import SFTConfig
+
+    from .backends import gradient_checkpointing_value
+
+    checkpointing = gradient_checkpointing_value(settings, backend)
+    return SFTConfig(
+        output_dir=str(checkpoints), max_length=settings.max_seq_length, dataset_text_field="text", packing=False,
+        per_device_train_batch_size=layout.micro_batch, per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=layout.grad_accum, train_sampling_strategy=sampling_strategy(split),
+        ddp_find_unused_parameters=False, warmup_steps=settings.warmup_steps,
+        max_steps=settings.max_steps, learning_rate=settings.learning_rate, optim=backend.optim,
+        weight_decay=settings.weight_decay, lr_scheduler_type=settings.lr_scheduler, seed=settings.seed,
+        logging_steps=settings.logging_steps, save_strategy="steps", save_steps=settings.save_steps,
+        save_total_limit=2, eval_strategy="no", eval_on_start=eval_on_start, report_to="none",
+        bf16=backend.dtype == "bf16", fp16=backend.dtype == "fp16", use_cpu=backend.device == "cpu",
+        gradient_checkpointing=backend.name == "hf" and checkpointing is True,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, dataset_num_proc=1,
+        completion_only_loss=settings.completion_only_loss)
+
+
+def training_callback(process, metrics: MetricsLog | None, eval_on_start: bool):
+    """Logs each step (rank 0), keeps the held-out loss taken at the start, and refuses to train N processes that
+    DDP did not wrap (their gradients would never meet). Set `.trainer` once the trainer exists."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        trainer = None
+        pending_start = eval_on_start
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            ddp = torch.nn.parallel.DistributedDataParallel
+            wrapped = [self.trainer.model_wrapped, *getattr(self.trainer.accelerator, "_models", [])]
+            if process.distributed and not any(isinstance(m, ddp) for m in wrapped):
+                raise RuntimeError("training on several processes without DDP: their gradients would not be synced")
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            result = kwargs.get("metrics") or {}
+            if self.pending_start and "eval_loss" in result:
+                self.pending_start = False
+                if metrics is not None:
+                    metrics.write({"eval": "start", "step": 0, "eval_loss": result["eval_loss"]})
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if metrics is not None:
+                metrics.on_log(state.global_step, logs or {})
+
+    return Progress()
+
+
 def quiet_progress() -> None:
     """Progress bars and info logs from one process only: the others would print each line again."""
     import datasets
@@ -261,10 +323,10 @@ def quiet_progress() -> None:
 def run_train_stage(settings: Settings) -> dict | None:
     """Train on this process: alone, or as one of the N processes torchrun started (each with its own copy of the
     model on its own device; DDP averages their gradients). Rank 0 alone writes and returns the run record."""
-    from .backends import choose_backend, gradient_checkpointing_value, load_for_training
+    from .backends import choose_backend, load_for_training
     from .data import read_jsonl
-    from .distributed import (decided_by_writer, end_process_group, gathered, plan, split_for, start_process_group,
-                              this_process)
+    from .distributed import (decided_by_writer, end_process_group, gathered, on_every_process, plan, split_for,
+                              start_process_group, this_process)
     from .models import base_model_path
 
     me = this_process()
@@ -277,8 +339,8 @@ def run_train_stage(settings: Settings) -> dict | None:
     if not me.is_writer:
         quiet_progress()
     start_process_group(me, backend.device)
-    train_rows, eval_rows = read_jsonl(data / "train.jsonl"), read_jsonl(data / "eval.jsonl")
-    fingerprint = training_fingerprint(settings)
+    train_rows, eval_rows, fingerprint = on_every_process(me, lambda: (
+        read_jsonl(data / "train.jsonl"), read_jsonl(data / "eval.jsonl"), training_fingerprint(settings)))
     if len({json.dumps(f, sort_keys=True) for f in gathered(me, fingerprint)}) > 1:
         raise UserError(f"the training processes read different data or settings from {data}: every machine must "
                         "run the data stage with the same settings (or share RUN_DIR)")
@@ -297,9 +359,7 @@ def run_train_stage(settings: Settings) -> dict | None:
     if settings.disk_check:
         decided_by_writer(me, lambda: check_disk_for_checkpoints(settings, trainable))
 
-    import torch
-    from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     checkpoints = out / "checkpoints"
     metrics = None
@@ -307,51 +367,18 @@ def run_train_stage(settings: Settings) -> dict | None:
         checkpoints.mkdir(parents=True, exist_ok=True)
         write_json_atomic(checkpoints / "fingerprint.json", fingerprint)
         metrics = MetricsLog(out / "metrics.jsonl", int(resume_from.name.split("-")[-1]) if resume_from else 0)
-    checkpointing = gradient_checkpointing_value(settings, backend)
     split = split_for(backend.name)
     start_eval = decided_by_writer(me, lambda: "start" not in metrics.eval_losses())
     # On N processes the held-out loss at the start is taken inside train(), once DDP wraps the model: an evaluate()
     # before train() marks the model prepared, train() then leaves it unwrapped, and the processes train apart
     # without syncing gradients (transformers 5.17 + accelerate 1.15, seen on gloo).
     eval_on_start = start_eval and me.distributed
-    config = SFTConfig(
-        output_dir=str(checkpoints), max_length=settings.max_seq_length, dataset_text_field="text", packing=False,
-        per_device_train_batch_size=layout.micro_batch, per_device_eval_batch_size=settings.batch_size,
-        gradient_accumulation_steps=layout.grad_accum, train_sampling_strategy=sampling_strategy(split),
-        ddp_find_unused_parameters=False, warmup_steps=settings.warmup_steps,
-        max_steps=settings.max_steps, learning_rate=settings.learning_rate, optim=backend.optim,
-        weight_decay=settings.weight_decay, lr_scheduler_type=settings.lr_scheduler, seed=settings.seed,
-        logging_steps=settings.logging_steps, save_strategy="steps", save_steps=settings.save_steps,
-        save_total_limit=2, eval_strategy="no", eval_on_start=eval_on_start, report_to="none",
-        bf16=backend.dtype == "bf16", fp16=backend.dtype == "fp16", use_cpu=backend.device == "cpu",
-        gradient_checkpointing=backend.name == "hf" and checkpointing is True,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, dataset_num_proc=1,
-        completion_only_loss=settings.completion_only_loss)
-
-    class _Log(TrainerCallback):
-        pending_start = eval_on_start
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            ddp = torch.nn.parallel.DistributedDataParallel
-            wrapped = [trainer.model_wrapped, *getattr(trainer.accelerator, "_models", [])]
-            if me.distributed and not any(isinstance(m, ddp) for m in wrapped):
-                raise RuntimeError("training on several processes without DDP: their gradients would not be synced")
-
-        def on_evaluate(self, args, state, control, **kwargs):
-            result = kwargs.get("metrics") or {}
-            if self.pending_start and "eval_loss" in result:
-                self.pending_start = False
-                if metrics is not None:
-                    metrics.write({"eval": "start", "step": 0, "eval_loss": result["eval_loss"]})
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if metrics is not None:
-                metrics.on_log(state.global_step, logs or {})
-
-    callback = _Log()
+    config = sft_config(settings, backend, layout, split, checkpoints, eval_on_start)
+    callback = training_callback(me, metrics, eval_on_start)
     trainer = trainer_class(SFTTrainer, split)(
         model=model, args=config, train_dataset=training_dataset(train_rows, settings),
         eval_dataset=training_dataset(eval_rows, settings), processing_class=tokenizer, callbacks=[callback])
+    callback.trainer = trainer
     assert_eos_is_learned(trainer, tokenizer)
     sampler = type(trainer._get_train_sampler()).__name__
 
@@ -359,8 +386,6 @@ def run_train_stage(settings: Settings) -> dict | None:
         metrics.write({"eval": "start", "step": 0, "eval_loss": trainer.evaluate()["eval_loss"]})
     if resume_from and me.is_writer:
         print(f"resuming from {resume_from} (step {resume_from.name.split('-')[-1]} of {settings.max_steps})")
-    if me.is_writer and me.distributed:
-        print(f"training on {me.world_size} processes: {layout.describe()}", flush=True)
     started = time.monotonic()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.monotonic() - started
