@@ -78,7 +78,7 @@ DOCKER_RUN = $(DOCKER) run --rm --init --ipc=host $(if $(filter cuda,$(FLAVOR)),
 	-e RUN_DIR=/work/run
 # $(call stage,SCRIPT ARGS[,DOCKER OPTIONS]): run one stage script where the stages run.
 ifeq ($(WHERE),docker)
-  stage = $(DOCKER_RUN) $(2) --label cotune.stage=$(basename $(firstword $(1))) $(IMAGE) python /opt/cotune/scripts/$(1)
+  stage = $(DOCKER_RUN) $(if $(filter-out undefined,$(origin 2)),$(2)) --label cotune.stage=$(basename $(firstword $(1))) $(IMAGE) python /opt/cotune/scripts/$(1)
   STAGE_DEPS := docker-ready
   STAMP = $(DOCKER_RUN) $(IMAGE) python /opt/cotune/scripts/settings.py stamp $(1) /work/run/.stamps/$(1).json
 else
