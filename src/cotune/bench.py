@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .distributed import SPLITS
+from .errors import UserError
 
 # Dense bf16 peak of the GPUs we state MFU for (no sparsity), in FLOP/s.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
@@ -253,7 +254,7 @@ def run_all(model: Path, out: Path, configs: list[str], steps: int, warmup: int,
         (out / "bench.json").write_text(json.dumps(ordered, indent=1))
         (out / "bench.md").write_text(markdown_table(ordered))
     if failed:
-        raise SystemExit(f"bench: {len(failed)} configuration(s) failed: {', '.join(failed)} (output above)")
+        raise UserError(f"bench: {len(failed)} configuration(s) failed: {', '.join(failed)} (output above)")
     return ordered
 
 
@@ -427,12 +428,12 @@ def ddp_comparison(model: Path, out: Path, nproc: int, steps: int, warmup: int, 
             runs[world] = json.loads(target.read_text())
         print(f"{world} process(es): {time.monotonic() - start:.0f} s with load", flush=True)
     if len(runs) < 2:
-        raise SystemExit(f"bench: no comparison: the {' and '.join(map(str, failed))}-process run(s) measured nothing")
+        raise UserError(f"bench: no comparison: the {' and '.join(map(str, failed))}-process run(s) measured nothing")
     result = {"one": runs[1], "many": runs[nproc], "rows": ddp_rows(runs[1], runs[nproc]), "failed": failed}
     (out / "ddp.json").write_text(json.dumps(result, indent=1))
     (out / "ddp.md").write_text(ddp_table(result))
     if failed:
-        raise SystemExit(f"bench: the {' and '.join(map(str, failed))}-process run(s) failed part-way; "
+        raise UserError(f"bench: the {' and '.join(map(str, failed))}-process run(s) failed part-way; "
                          f"the table ({out / 'ddp.md'}) has the plans both finished")
     return result
 
