@@ -150,7 +150,8 @@ def plot_loss_curve(entries: list[dict], path: Path) -> None:
     ax.plot(steps, losses, marker=".", label="training loss")
     evals = [(e["step"], e["eval_loss"]) for e in entries if "eval_loss" in e]
     if evals:
-        ax.plot(*zip(*evals), marker="o", linestyle="--", label="held-out loss")
+        # measured at these steps only (start and end): points, no line that would read as a measured curve
+        ax.plot(*zip(*evals), marker="o", linestyle="none", label="held-out loss (where measured)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
