@@ -82,9 +82,11 @@ DOCKER_RUN = $(DOCKER) run --rm --init --ipc=host $(if $(filter cuda,$(FLAVOR)),
 NNODES_SETTING := $(if $(filter docker,$(WHERE)),$(if $(filter-out undefined,$(origin NNODES)),$(NNODES),$(shell \
 	$(SETTINGS_PY) get nnodes 2>/dev/null)))
 TRAIN_DOCKER_OPTS := $(if $(filter-out 1,$(or $(strip $(NNODES_SETTING)),1)),--network host)
-# $(call stage,SCRIPT ARGS[,DOCKER OPTIONS]): run one stage script where the stages run.
+# $(call stage,SCRIPT ARGS[,DOCKER OPTIONS]): run one stage script where the stages run. Its container is labelled
+# with the stage's name (ask.py baseline: baseline), so `docker ps --filter label=cotune.stage=after` finds it.
+stage_name = $(if $(filter ask.py,$(firstword $(1))),$(word 2,$(1)),$(basename $(firstword $(1))))
 ifeq ($(WHERE),docker)
-  stage = $(DOCKER_RUN) $(if $(filter-out undefined,$(origin 2)),$(2)) --label cotune.stage=$(basename $(firstword $(1))) $(IMAGE) python /opt/cotune/scripts/$(1)
+  stage = $(DOCKER_RUN) $(if $(filter-out undefined,$(origin 2)),$(2)) --label cotune.stage=$(call stage_name,$(1)) $(IMAGE) python /opt/cotune/scripts/$(1)
   STAGE_DEPS := docker-ready
   STAMP = $(DOCKER_RUN) $(IMAGE) python /opt/cotune/scripts/settings.py stamp $(1) /work/run/.stamps/$(1).json
 else

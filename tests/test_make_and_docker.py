@@ -102,3 +102,10 @@ def test_training_on_several_machines_shares_the_hosts_network_in_the_container(
         assert "--network host" in stages["train"] and "--network" not in stages["data"], (args, stages)
     assert "--network" not in lines("train", "RUN_IN=docker")["train"]
     assert "--network" not in lines("train", "RUN_IN=docker", "NNODES=1")["train"]
+
+
+def test_each_stage_container_is_labelled_with_the_stages_name(tmp_path):
+    """`docker ps --filter label=cotune.stage=after` finds the after stage's container (not a generic `ask`)."""
+    labels = [l.split("--label cotune.stage=")[1].split()[0]
+              for l in docker_lines("all", "RUN_IN=docker", f"RUN_DIR={tmp_path / 'run'}") if "--label" in l]
+    assert labels == ["data", "baseline", "train", "after", "export", "verify", "report"], labels
