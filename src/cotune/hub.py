@@ -75,7 +75,8 @@ def model_card(settings: Settings, export: dict, verify: dict, report: dict | No
 
 
 def pushable(settings: Settings) -> tuple[dict, dict, dict | None, list[Path]]:
-    """The export record, the verify report, the report (if any) and the GGUF files, or a refusal."""
+    """The export record, the verify report, the report (if any) and the GGUF files, or a refusal. Whether a file
+    is the one verified is decided by its content (sha256), never its time stamp."""
     export_record = settings.stage_dir("export") / "run.json"
     verify_path = settings.stage_dir("verify") / "report.json"
     if not export_record.is_file():
@@ -84,22 +85,26 @@ def pushable(settings: Settings) -> tuple[dict, dict, dict | None, list[Path]]:
         raise UserError(f"{verify_path}: missing; only a verified GGUF is pushed, run `make verify` first")
     export = json.loads(export_record.read_text())
     verify = json.loads(verify_path.read_text())
-    # files are looked up beside the record, so a run folder that was moved or copied still pushes its own files
+    # files are looked up in this run folder by name, so a moved or copied run folder pushes its own files
     ggufs = [settings.stage_dir("export") / Path(i["path"]).name for i in export["ggufs"].values()]
+    for path in ggufs:
+        if not path.is_file():
+            raise UserError(f"{path}: listed by the export but missing; run `make export` again")
     q8 = next(p for p in ggufs if p.name.endswith("-Q8_0.gguf"))
     if not verify.get("passed"):
         failed = ", ".join(c["check"] for c in verify.get("checks", []) if c["passed"] is False)
         raise UserError(f"{verify_path}: verify FAILED ({failed}); fix the model and verify again before pushing")
-    if Path(verify["gguf"]).name != q8.name:
-        raise UserError(f"{verify_path}: speaks of {verify['gguf']}, not the exported {q8}; run `make verify` again")
-    if not q8.is_file() or verify_path.stat().st_mtime < q8.stat().st_mtime or verify["sha256"] != sha256_file(q8):
-        raise UserError(f"{verify_path}: older than {q8.name} (the GGUF changed after it was verified); run "
-                        "`make verify` again")
-    for path in ggufs:
-        if not path.is_file():
-            raise UserError(f"{path}: listed by the export but missing; run `make export` again")
+    q8_sha256 = sha256_file(q8)
+    if q8_sha256 != export["ggufs"]["Q8_0"]["sha256"]:
+        raise UserError(f"{q8}: not the file export wrote (its content changed since); remove {export_record} and "
+                        "run `make export` again")
+    if verify.get("sha256") != q8_sha256:
+        raise UserError(f"{verify_path}: speaks of {verify.get('gguf')}, not this run's {q8.name} (another content); "
+                        "run `make verify` again")
     report_path = settings.stage_dir("report") / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    if report is not None and report.get("gguf", {}).get("sha256") != q8_sha256:
+        raise UserError(f"{report_path}: speaks of another GGUF than this run's {q8.name}; run `make report` again")
     return export, verify, report, ggufs
 
 
