@@ -82,9 +82,13 @@ class LocalHub:
                     return self._send(200, out)
                 if m and m.group(2) == "preupload":
                     req = json.loads(body)
-                    return self._send(200, {"files": [{"path": f["path"], "shouldIgnore": False,
-                                                       "uploadMode": "lfs" if f["path"].endswith(".gguf") else "regular"}
-                                                      for f in req["files"]]})
+                    files = hub.repos[m.group(1)]["files"]
+                    # "oid" of a file already there: what the client compares with its own to skip unchanged files
+                    return self._send(200, {"files": [
+                        {"path": f["path"], "shouldIgnore": False,
+                         "uploadMode": "lfs" if f["path"].endswith(".gguf") else "regular",
+                         "oid": hub.oid(f["path"], files[f["path"]]) if f["path"] in files else None}
+                        for f in req["files"]]})
                 if m and m.group(2) == "commit":
                     if hub.fail_next_commit:
                         hub.fail_next_commit = False
@@ -101,6 +105,7 @@ class LocalHub:
                             files[item["value"]["path"]] = hub.lfs[oid]
                     hub.repos[m.group(1)]["files"].update(files)
                     oid = hashlib.sha1(body).hexdigest()
+                    hub.repos[m.group(1)]["sha"] = oid
                     return self._send(200, {"commitUrl": f"{hub.url(m.group(1))}/commit/{oid}", "commitOid": oid,
                                             "pullRequestUrl": None})
                 m = re.fullmatch(r"/([^/]+/[^/]+)\.git/info/lfs/objects/batch", self.path)
@@ -112,6 +117,17 @@ class LocalHub:
                             entry["actions"] = {"upload": {"href": f"{hub.base}/lfs-upload/{obj['oid']}"}}
                         objects.append(entry)
                     return self._send(200, {"transfer": "basic", "objects": objects})
+                self._send(404, {"error": f"no route {self.path}"})
+
+            def do_GET(self):
+                hub.log.append(("GET", self.path))
+                if not self._authorized():
+                    return
+                m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/main)?", self.path.split("?")[0])
+                if m and m.group(1) in hub.repos:  # repo_info: the client asks it when a commit would be empty
+                    repo = hub.repos[m.group(1)]
+                    return self._send(200, {"id": m.group(1), "sha": repo.get("sha", "0" * 40),
+                                            "private": repo["private"]})
                 self._send(404, {"error": f"no route {self.path}"})
 
             def do_PUT(self):
@@ -126,6 +142,13 @@ class LocalHub:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @staticmethod
+    def oid(path: str, data: bytes) -> str:
+        """The id the Hub gives a stored file: sha256 for an LFS file, git's blob hash for the rest."""
+        if path.endswith(".gguf"):
+            return hashlib.sha256(data).hexdigest()
+        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
     def url(self, repo_id: str) -> str:
         return f"{self.base}/{repo_id}"

@@ -17,11 +17,6 @@ EMBEDDED_ORIGIN = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TAGS = ["gguf", "llama.cpp", "ollama", "lora", "cotune"]
 
 
-def git_blob_sha1(data: bytes) -> str:
-    """The id the Hub reports for a regular (non-LFS) file: git's blob hash."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
 def go_template_literal(text: str) -> str:
     """Literal text inside an Ollama (Go) template: only `{{` needs escaping."""
     return text.replace("{{", '{{"{{"}}')
@@ -154,6 +149,52 @@ def describe(item: bytes | Path) -> tuple[int, str]:
     return len(item), hashlib.sha256(item).hexdigest()
 
 
+def network_failure(err: BaseException, settings: Settings) -> str | None:
+    """One line for a failure to talk to the Hub, or None for anything else, which is a bug and keeps its
+    traceback."""
+    import httpx
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+
+    repo, where = settings.hub_repo_id, constants.ENDPOINT
+    again = "run `make push` again; files already uploaded are not sent twice"
+    seen = err
+    while seen is not None:
+        reason = (str(seen).strip().splitlines() or [""])[0][:200]
+        if isinstance(seen, HFValidationError):
+            return f"HUB_REPO_ID={repo!r}: the Hub client refuses it ({reason})"
+        if isinstance(seen, OfflineModeIsEnabled):
+            return f"pushing to {repo} needs the network, and HF_HUB_OFFLINE=1 forbids it; unset HF_HUB_OFFLINE to push"
+        if isinstance(seen, HfHubHTTPError):
+            status = getattr(seen.response, "status_code", None)
+            if status in (401, 403):
+                return (f"the Hub refused HF_TOKEN ({status}): check that the token is valid and may write to "
+                        f"{repo}")
+            return f"pushing to {repo} failed ({status}: the Hub at {where} answered with an error); {again}"
+        if isinstance(seen, httpx.TimeoutException):
+            return (f"pushing to {repo} failed: the Hub at {where} did not answer within HUB_TIMEOUT="
+                    f"{settings.hub_timeout:g} s ({type(seen).__name__}); check the network or raise HUB_TIMEOUT, "
+                    f"then {again}")
+        if isinstance(seen, (httpx.TransportError, ConnectionError)):
+            return (f"pushing to {repo} failed: the Hub at {where} can't be reached ({type(seen).__name__}: {reason}); "
+                    f"check the network, proxy and HF_ENDPOINT, then {again}")
+        seen = seen.__cause__  # the client wraps a failed LFS upload: RuntimeError(...) from the network error
+    return None
+
+
+def _client_with_timeout(seconds: float):
+    """huggingface_hub's own HTTP client, with a timeout: its default waits forever on a stalled connection."""
+    import httpx
+    from huggingface_hub.utils._http import default_client_factory
+
+    def factory() -> httpx.Client:
+        client = default_client_factory()
+        client.timeout = httpx.Timeout(seconds)
+        return client
+
+    return factory
+
+
 def run_push_stage(settings: Settings, dry_run: bool) -> dict:
     if not settings.hub_repo_id:
         raise UserError("HUB_REPO_ID is not set; name the repo to push to, e.g. make push HUB_REPO_ID=you/model")
@@ -170,30 +211,25 @@ def run_push_stage(settings: Settings, dry_run: bool) -> dict:
     if not settings.hf_token:
         raise UserError("HF_TOKEN is not set; put it in .env (HF_TOKEN=...) or the environment, never on a command "
                         "line. `make push DRY_RUN=1` needs no token")
-    from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub import CommitOperationAdd, HfApi, set_client_factory
 
+    set_client_factory(_client_with_timeout(settings.hub_timeout))
     api = HfApi(token=settings.hf_token)
+    operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(i) if isinstance(i, Path) else i)
+                  for p, i in items]
     try:
         api.create_repo(settings.hub_repo_id, private=settings.hub_private, exist_ok=True)
-        remote = {}
-        for info in api.get_paths_info(settings.hub_repo_id, [p for p, _ in items]):
-            lfs = getattr(info, "lfs", None)
-            remote[info.path] = lfs.sha256 if lfs else getattr(info, "blob_id", None)
-        changed = [(path, item) for (path, item), entry in zip(items, plan)
-                   if remote.get(path) != (entry["sha256"] if isinstance(item, Path) else git_blob_sha1(item))]
-        if changed:
-            api.create_commit(settings.hub_repo_id, commit_message="cotune: verified GGUF, model card, Modelfile",
-                              operations=[CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(i) if
-                                                             isinstance(i, Path) else i) for p, i in changed])
-    except HfHubHTTPError as err:
-        status = getattr(err.response, "status_code", None)
-        if status in (401, 403):
-            raise UserError(f"the Hub refused HF_TOKEN ({status}): check that the token is valid and may write to "
-                            f"{settings.hub_repo_id}") from None
-        raise UserError(f"pushing to {settings.hub_repo_id} failed ({status}: {type(err).__name__}); run `make push` "
-                        "again, files already uploaded are not sent twice") from None
-    except OSError as err:
-        raise UserError(f"pushing to {settings.hub_repo_id} failed: the Hub is unreachable ({type(err).__name__}); "
-                        "run `make push` again when online") from None
-    return {"repo_id": settings.hub_repo_id, "dry_run": False, "files": plan, "uploaded": [p for p, _ in changed]}
+        # The client compares each file with the Hub's copy (sha256 for LFS files, the git blob hash for the rest),
+        # leaves out the unchanged ones and makes no empty commit; an LFS object already on the Hub isn't sent again.
+        api.create_commit(settings.hub_repo_id, operations=operations,
+                          commit_message="cotune: verified GGUF, model card, Modelfile")
+    except Exception as err:
+        message = network_failure(err, settings)
+        if message is None:
+            raise
+        raise UserError(message) from None
+    # the client's own test for "unchanged" (hf_api.create_commit), read back to say what went up
+    unchanged = {op.path_in_repo for op in operations
+                 if getattr(op, "_remote_oid", None) is not None and op._remote_oid == op._local_oid}
+    return {"repo_id": settings.hub_repo_id, "dry_run": False, "files": plan,
+            "uploaded": [p for p, _ in items if p not in unchanged]}
