@@ -46,7 +46,7 @@ MAKE_OWN_VARS := VENV PYTHON RUN_IN GGUF HF_HOME ENV_FILE DRY_RUN PYTEST_ARGS BE
 	COTUNE_SKIP_PREFLIGHT
 export COTUNE_MAKE_VARS := $(filter-out $(MAKE_OWN_VARS),$(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))))
 
-SETTINGS_PY := PYTHONPATH=src $(if $(wildcard $(PYTHON)),$(PYTHON),python3) scripts/settings.py
+SETTINGS_PY := COTUNE_ENV_FILE='$(ENV_FILE)' PYTHONPATH=src $(if $(wildcard $(PYTHON)),$(PYTHON),python3) scripts/settings.py
 # make 4.3 gives $(shell) neither command-line nor exported variables: a RUN_DIR given to make is taken as is,
 # otherwise cotune resolves it (defaults, .env, environment).
 RUN_DIR ?=
@@ -76,6 +76,12 @@ DOCKER_RUN = $(DOCKER) run --rm --init --ipc=host $(if $(filter cuda,$(FLAVOR)),
 	$(if $(wildcard $(ENV_FILE)),-v "$(ENV_PATH)":"$(ENV_PATH)":ro) -e COTUNE_ENV_FILE="$(ENV_PATH)" \
 	$(foreach n,$(filter-out RUN_DIR,$(SETTING_NAMES)) HF_HUB_OFFLINE HF_ENDPOINT HF_HUB_ETAG_TIMEOUT HF_HUB_DOWNLOAD_TIMEOUT COTUNE_MAKE_VARS COTUNE_SKIP_PREFLIGHT,-e $(n)) \
 	-e RUN_DIR=/work/run
+# Training on several machines: their processes meet over the hosts' network (MASTER_ADDR, MASTER_PORT and the
+# ports NCCL opens), which a container on Docker's bridge network can't offer, so such a train container shares the
+# host's network. NNODES given to make is taken as is (make's $(shell) doesn't see it), else cotune resolves it.
+NNODES_SETTING := $(if $(filter docker,$(WHERE)),$(if $(filter-out undefined,$(origin NNODES)),$(NNODES),$(shell \
+	$(SETTINGS_PY) get nnodes 2>/dev/null)))
+TRAIN_DOCKER_OPTS := $(if $(filter-out 1,$(or $(strip $(NNODES_SETTING)),1)),--network host)
 # $(call stage,SCRIPT ARGS[,DOCKER OPTIONS]): run one stage script where the stages run.
 ifeq ($(WHERE),docker)
   stage = $(DOCKER_RUN) $(if $(filter-out undefined,$(origin 2)),$(2)) --label cotune.stage=$(basename $(firstword $(1))) $(IMAGE) python /opt/cotune/scripts/$(1)
@@ -125,7 +131,7 @@ $(RUN)/data/run.json: $(RUN)/.stamps/data.json | $(STAGE_DEPS) where
 $(RUN)/baseline/run.json: $(RUN)/data/run.json $(RUN)/.stamps/baseline.json | $(STAGE_DEPS) where
 	$(call stage,ask.py baseline)
 $(RUN)/train/run.json: $(RUN)/data/run.json $(RUN)/.stamps/train.json | $(STAGE_DEPS) where
-	$(call stage,train.py)
+	$(call stage,train.py,$(TRAIN_DOCKER_OPTS))
 $(RUN)/after/run.json: $(RUN)/train/run.json $(RUN)/.stamps/after.json | $(STAGE_DEPS) where
 	$(call stage,ask.py after)
 $(RUN)/export/run.json: $(RUN)/train/run.json $(RUN)/.stamps/export.json | $(STAGE_DEPS) where

@@ -54,20 +54,6 @@ def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> Non
         assert fragment in text, f"{fragment!r} not in {text!r}"
 
 
-def pytest_collection_modifyitems(config, items):
-    try:
-        import torch
-
-        has_gpu = torch.cuda.is_available()
-    except ImportError:
-        has_gpu = False
-    if not has_gpu:
-        skip = pytest.mark.skip(reason="needs a CUDA GPU; none is visible on this machine")
-        for item in items:
-            if "gpu" in item.keywords:
-                item.add_marker(skip)
-
-
 def train_killed_then_resumed(run: Path, env: dict) -> tuple[str, int]:
     """Start training, SIGKILL it after the step-8 checkpoint is safely on disk, then rerun it."""
     args = [sys.executable, str(SCRIPTS / "train.py"), *DEMO, "--run-dir", str(run)]

@@ -45,3 +45,28 @@ def test_decode_bench_refuses_a_missing_gguf(tmp_path):
     proc = run_script("bench", "--gguf", str(tmp_path / "nope.gguf"), "--run-dir", str(tmp_path),
                       env=script_env(tmp_path))
     assert proc.returncode == 2 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_benchmark_configures_trl_as_the_training_stage_does_but_for_its_named_overrides(tmp_path):
+    """One SFTConfig builder: the benchmark's configuration is the training stage's, changed only where
+    BENCH_OVERRIDES says; a name trl doesn't know is refused, not ignored."""
+    from pathlib import Path
+
+    import pytest
+
+    from cotune.backends import choose_backend
+    from cotune.bench import BENCH_OVERRIDES
+    from cotune.distributed import plan
+    from cotune.settings import resolve
+    from cotune.training import sft_config
+
+    settings = resolve({"preset": "demo"}, environ={}, dotenv_path=Path("/nonexistent"))
+    backend = choose_backend(settings, quiet=True)
+    layout = plan(settings, nproc_per_node=1, nnodes=1)
+    stage = sft_config(settings, backend, layout, "random", tmp_path, eval_on_start=False).to_dict()
+    bench = sft_config(settings, backend, layout, "random", tmp_path, eval_on_start=False, **BENCH_OVERRIDES).to_dict()
+    changed = {k for k in stage if stage[k] != bench[k]}
+    assert changed and changed <= set(BENCH_OVERRIDES), changed
+    assert {k: bench[k] for k in BENCH_OVERRIDES} == {k: getattr(v, "value", v) for k, v in BENCH_OVERRIDES.items()}
+    with pytest.raises(TypeError, match="lr_schedular"):
+        sft_config(settings, backend, layout, "random", tmp_path, eval_on_start=False, lr_schedular="constant")

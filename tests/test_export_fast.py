@@ -106,3 +106,23 @@ def test_a_quant_type_added_to_the_table_alone_is_written_and_verified(demo_run,
     assert verify.returncode == 0, verify.stdout + verify.stderr
     report = json.loads((run / "verify" / "others" / f"{q6_k.name}.json").read_text())  # not the run's Q8_0
     assert report["passed"] and report["file_type"] == "Q6_K", report["checks"]
+
+
+@pytest.mark.parametrize("summary, cuda, expected, warning", [
+    ({"dtype": "fp16", "load_in_4bit": False}, True, ("fp16", False), None),  # DTYPE=fp16 merges in fp16, not bf16
+    ({"dtype": "bf16", "load_in_4bit": True}, True, ("bf16", True), None),
+    ({"dtype": "bf16", "load_in_4bit": True}, False, ("fp32", False), "4-bit (NF4) on a GPU"),
+    ({"dtype": "fp16", "load_in_4bit": False}, False, ("fp32", False), "training ran in fp16 on a GPU"),
+    ({"dtype": "fp32", "load_in_4bit": False}, False, ("fp32", False), None),
+])
+def test_the_merge_runs_in_the_precision_training_used(tmp_path, capsys, summary, cuda, expected, warning):
+    """Export reads the precision from the train stage's record: the backend's choice, made once."""
+    from cotune.export import merge_precision
+    from cotune.settings import resolve
+
+    settings = resolve({"preset": "demo", "run_dir": str(tmp_path)}, environ={"COTUNE_ENV_FILE": "/nonexistent"})
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "run.json").write_text(json.dumps({"summary": summary}))
+    assert merge_precision(settings, cuda) == expected
+    err = capsys.readouterr().err
+    assert (warning in err) if warning else "WARNING" not in err, err

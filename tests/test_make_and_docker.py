@@ -88,3 +88,17 @@ def test_dockerignore_lets_in_only_what_the_image_needs():
                                                        "!scripts/", "!docker/"]
     assert ".env" in lines and "**/.env" in lines
     assert ".env" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_training_on_several_machines_shares_the_hosts_network_in_the_container(tmp_path):
+    """Processes on several machines meet at MASTER_ADDR:MASTER_PORT, which Docker's bridge network hides: the train
+    container (only it) then runs on the host's network, whether NNODES comes from make's command line or .env."""
+    def lines(*args):
+        return {l.split("--label cotune.stage=")[1].split()[0]: l for l in docker_lines(*args) if "--label" in l}
+
+    for args in (["NNODES=2", "NODE_RANK=1", "MASTER_ADDR=10.0.0.1"], [f"ENV_FILE={tmp_path / 'nodes.env'}"]):
+        (tmp_path / "nodes.env").write_text("NNODES=2\nNODE_RANK=0\nMASTER_ADDR=10.0.0.1\n")
+        stages = lines("train", "RUN_IN=docker", *args)
+        assert "--network host" in stages["train"] and "--network" not in stages["data"], (args, stages)
+    assert "--network" not in lines("train", "RUN_IN=docker")["train"]
+    assert "--network" not in lines("train", "RUN_IN=docker", "NNODES=1")["train"]

@@ -16,9 +16,16 @@ import time
 from pathlib import Path
 
 from .distributed import SPLITS
+from .errors import UserError
 
 # Dense bf16 peak of the GPUs we state MFU for (no sparsity), in FLOP/s.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
+
+# What the benchmark sets otherwise than the training stage, on top of the stage's own SFTConfig builder: a constant
+# rate (losses of configurations compare step by step), every step logged, no checkpoints, whole batches only, a fixed
+# data order, and the trainer counting real (non-padding) tokens.
+BENCH_OVERRIDES = dict(lr_scheduler_type="constant", logging_steps=1, save_strategy="no", dataloader_drop_last=True,
+                       data_seed=3407, include_num_input_tokens_seen="non_padding")
 
 CONFIGS = {
     # name: (backend, settings over the reference recipe, what it is). Every one sees the same 8 sequences per
@@ -116,11 +123,13 @@ def worker(args) -> dict:
         import unsloth  # noqa: F401  (must patch before transformers/trl are imported)
     import torch
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from .backends import choose_backend, gradient_checkpointing_value, load_for_training
+    from .distributed import plan
     from .models import count_parameters
     from .settings import resolve
+    from .training import sft_config
 
     cli = {"base_model": args.model, "backend": backend_name, "max_steps": str(args.steps), "warmup_steps": "0",
            "max_seq_length": str(args.max_len)}
@@ -133,14 +142,8 @@ def worker(args) -> dict:
     checkpointing = gradient_checkpointing_value(settings, backend)
     model, tokenizer = load_for_training(settings, backend, Path(args.model), kbit_upcast=kbit_upcast)
     rows = synthetic_rows(args.rows, args.max_len, args.median, min(len(tokenizer), model.config.vocab_size))
-    config = SFTConfig(output_dir=str(Path(args.out).parent / f"ckpt-{args.config}"), max_length=args.max_len,
-                       per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_steps=args.steps,
-                       learning_rate=2e-4, lr_scheduler_type="constant", optim=backend.optim, seed=3407,
-                       logging_steps=1, save_strategy="no", report_to="none", bf16=backend.dtype == "bf16",
-                       use_cpu=not args.cuda, dataloader_drop_last=True, data_seed=3407,
-                       gradient_checkpointing=backend.name == "hf" and checkpointing is True,
-                       gradient_checkpointing_kwargs={"use_reentrant": False},
-                       include_num_input_tokens_seen="non_padding")
+    config = sft_config(settings, backend, plan(settings, nproc_per_node=1, nnodes=1), "random",
+                        Path(args.out).parent / f"ckpt-{args.config}", eval_on_start=False, **BENCH_OVERRIDES)
     steps: list[dict] = []
     Timer = step_timer(steps, args.cuda)
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
@@ -253,7 +256,7 @@ def run_all(model: Path, out: Path, configs: list[str], steps: int, warmup: int,
         (out / "bench.json").write_text(json.dumps(ordered, indent=1))
         (out / "bench.md").write_text(markdown_table(ordered))
     if failed:
-        raise SystemExit(f"bench: {len(failed)} configuration(s) failed: {', '.join(failed)} (output above)")
+        raise UserError(f"bench: {len(failed)} configuration(s) failed: {', '.join(failed)} (output above)")
     return ordered
 
 
@@ -302,12 +305,12 @@ def ddp_worker(args) -> None:
         import unsloth  # noqa: F401  (must patch before transformers/trl are imported)
     import torch
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
-    from .backends import choose_backend, gradient_checkpointing_value, load_for_training
+    from .backends import choose_backend, load_for_training
     from .distributed import decided_by_writer, end_process_group, gathered, plan, start_process_group, this_process
     from .settings import resolve
-    from .training import sampling_strategy, trainer_class
+    from .training import sft_config, trainer_class
 
     me = this_process()
     cli = {"base_model": args.model, "backend": "unsloth" if args.cuda else "hf", "max_steps": str(args.steps),
@@ -317,7 +320,6 @@ def ddp_worker(args) -> None:
         cli.update({"load_in_4bit": "false", "gradient_checkpointing": "false", "optim": "adamw_torch"})
     settings = resolve(cli, environ={}, dotenv_path=Path("/nonexistent"))
     backend = choose_backend(settings, quiet=True, world_size=me.world_size)
-    checkpointing = gradient_checkpointing_value(settings, backend)
     start_process_group(me, backend.device)
     started = time.perf_counter()
     model, tokenizer = load_for_training(settings, backend, Path(args.model), device_index=me.local_rank)
@@ -343,17 +345,8 @@ def ddp_worker(args) -> None:
                     param.grad = None
         layout = plan(dataclasses.replace(settings, grad_accum=sequences // args.micro),
                       nproc_per_node=me.local_world_size, nnodes=me.world_size // me.local_world_size)
-        config = SFTConfig(output_dir=str(Path(args.out).parent / "ckpt-ddp"), max_length=args.max_len,
-                           per_device_train_batch_size=layout.micro_batch,
-                           gradient_accumulation_steps=layout.grad_accum,
-                           train_sampling_strategy=sampling_strategy(split),
-                           ddp_find_unused_parameters=False, max_steps=args.steps, learning_rate=2e-4,
-                           lr_scheduler_type="constant", optim=backend.optim, seed=3407, logging_steps=1,
-                           save_strategy="no", report_to="none", bf16=backend.dtype == "bf16", use_cpu=not args.cuda,
-                           dataloader_drop_last=True, data_seed=3407,
-                           gradient_checkpointing=backend.name == "hf" and checkpointing is True,
-                           gradient_checkpointing_kwargs={"use_reentrant": False},
-                           include_num_input_tokens_seen="non_padding", disable_tqdm=True)
+        config = sft_config(settings, backend, layout, split, Path(args.out).parent / "ckpt-ddp",
+                            eval_on_start=False, **BENCH_OVERRIDES, disable_tqdm=True)
         steps: list[dict] = []
         counted: list[tuple[int, int]] = []  # (real, padded) tokens of each micro-batch this process trained on
         trainer = trainer_class(SFTTrainer, split)(model=model, args=config, train_dataset=dataset,
@@ -427,12 +420,12 @@ def ddp_comparison(model: Path, out: Path, nproc: int, steps: int, warmup: int, 
             runs[world] = json.loads(target.read_text())
         print(f"{world} process(es): {time.monotonic() - start:.0f} s with load", flush=True)
     if len(runs) < 2:
-        raise SystemExit(f"bench: no comparison: the {' and '.join(map(str, failed))}-process run(s) measured nothing")
+        raise UserError(f"bench: no comparison: the {' and '.join(map(str, failed))}-process run(s) measured nothing")
     result = {"one": runs[1], "many": runs[nproc], "rows": ddp_rows(runs[1], runs[nproc]), "failed": failed}
     (out / "ddp.json").write_text(json.dumps(result, indent=1))
     (out / "ddp.md").write_text(ddp_table(result))
     if failed:
-        raise SystemExit(f"bench: the {' and '.join(map(str, failed))}-process run(s) failed part-way; "
+        raise UserError(f"bench: the {' and '.join(map(str, failed))}-process run(s) failed part-way; "
                          f"the table ({out / 'ddp.md'}) has the plans both finished")
     return result
 

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError, warn
-from .files import atomic_path, sha256_file
-from .models import cache_root
+from .files import atomic_path, cache_root, sha256_file
 
 CONVERTER_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
 

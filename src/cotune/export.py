@@ -52,10 +52,33 @@ def cpu_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def merge_adapter(settings: Settings, base: Path, adapter: Path, chat_template: str):
-    """(model, tokenizer, what was merged into): the adapter merged into full-precision weights, in memory. For a
-    4-bit run the base is loaded in NF4 exactly as trained and then dequantized, so the merged weights are the ones
-    the adapter was trained against."""
+def merge_precision(settings: Settings, cuda: bool) -> tuple[str, bool]:
+    """(dtype, NF4 base?) the adapter is merged in: those training used, as its record says (the backend's choice:
+    DTYPE=fp16 trains and merges in fp16, a 4-bit run merges into the NF4 base it was trained against). Half
+    precision and NF4 need a CUDA GPU here; without one the merge runs in fp32, with a WARNING."""
+    record = settings.stage_dir("train") / "run.json"
+    if record.is_file():
+        summary = json.loads(record.read_text()).get("summary", {})
+        dtype, nf4 = summary.get("dtype", "fp32"), bool(summary.get("load_in_4bit"))
+    else:  # an adapter without its record (a run made before records held the precision): the same choice again
+        from .backends import choose_backend
+
+        backend = choose_backend(settings, quiet=True)
+        dtype, nf4 = backend.dtype, backend.load_in_4bit
+    if cuda:
+        return dtype, nf4
+    if nf4:
+        warn("training loaded the base in 4-bit (NF4) on a GPU; without one here the adapter is merged into the "
+             "original base weights in fp32, which differ slightly from the NF4 weights it was trained against")
+    elif dtype != "fp32":
+        warn(f"training ran in {dtype} on a GPU; without one here the merge runs in fp32")
+    return "fp32", False
+
+
+def merge_adapter(precision: tuple[str, bool], base: Path, adapter: Path, chat_template: str):
+    """(model, tokenizer, what was merged into): the adapter merged into the weights in memory, in the precision
+    training used (merge_precision). For a 4-bit run the base is loaded in NF4 exactly as trained and then
+    dequantized, so the merged weights are the ones the adapter was trained against."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -63,8 +86,9 @@ def merge_adapter(settings: Settings, base: Path, adapter: Path, chat_template: 
     from .models import load_tokenizer
 
     cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else (torch.float16 if cuda else torch.float32)
-    if settings.load_in_4bit and cuda:
+    dtype_name, nf4 = precision
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    if nf4:
         from .backends import nf4_config
 
         model = AutoModelForCausalLM.from_pretrained(base, quantization_config=nf4_config(dtype), dtype=dtype,
@@ -75,8 +99,6 @@ def merge_adapter(settings: Settings, base: Path, adapter: Path, chat_template: 
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, use_safetensors=True,
                                                      device_map={"": 0} if cuda else None)
         merged_into = "original base weights in " + str(dtype).removeprefix("torch.")
-        if settings.load_in_4bit and not cuda:
-            warn("LOAD_IN_4BIT=true but no CUDA GPU: training ran in fp32, so the merge uses the fp32 base weights")
     model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     tokenizer = load_tokenizer(base)
     tokenizer.chat_template = chat_template
@@ -214,12 +236,13 @@ def run_export_stage(settings: Settings) -> dict:
 
     n_params = count_parameters(base)
     cuda = torch.cuda.is_available()
-    merge_bytes = 2 if cuda else 4  # merged in bf16/fp16 on a GPU, fp32 on a CPU, as merge_adapter does
+    precision = merge_precision(settings, cuda)
+    merge_bytes = 4 if precision[0] == "fp32" else 2
     preflight_memory(base, bytes_per_weight=merge_bytes, what="the merge", gpu=cuda)
     if settings.disk_check:
         check_disk(settings, n_params, merge_bytes_per_weight=merge_bytes)
     try:
-        return _export(settings, out, base, adapter, template, n_params, started)
+        return _export(settings, out, base, adapter, template, n_params, started, precision)
     except Exception as err:
         if not is_disk_full(err):
             raise
@@ -263,7 +286,8 @@ def timed(seconds: dict, name: str, fn, *args):
     return result
 
 
-def _export(settings: Settings, out: Path, base: Path, adapter: Path, template, n_params: int, started: float) -> dict:
+def _export(settings: Settings, out: Path, base: Path, adapter: Path, template, n_params: int, started: float,
+            precision: tuple[str, bool]) -> dict:
     import torch
 
     merged = out / "merged"
@@ -278,7 +302,7 @@ def _export(settings: Settings, out: Path, base: Path, adapter: Path, template, 
     try:
         background.start("adapter", sha256_any, adapter)
         background.start("base_model", timed, seconds, "sha256_base_model", sha256_any, base)
-        model, tokenizer, merge = timed(seconds, "merge", merge_adapter, settings, base, adapter,
+        model, tokenizer, merge = timed(seconds, "merge", merge_adapter, precision, base, adapter,
                                         template.chat_template())
         if model.device.type != "cpu":
             # the converter and the safetensors writer both read host memory

@@ -18,6 +18,12 @@ TRACKED_PACKAGES = (
 )
 
 
+def cache_root() -> Path:
+    """cotune's own cache (the embedded model as a plain folder, llama.cpp's converter): COTUNE_CACHE, else
+    ~/.cache/cotune."""
+    return Path(os.environ.get("COTUNE_CACHE", Path.home() / ".cache" / "cotune"))
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -8,8 +8,6 @@ from pathlib import Path
 from .errors import UserError
 from .settings import Settings
 
-WHICH = ("baseline", "after")
-
 
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, device: str,
                      batch_size: int) -> list[dict]:

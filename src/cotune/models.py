@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import struct
 from pathlib import Path
 
 from .errors import UserError, warn
-from .files import atomic_path
+from .files import atomic_path, cache_root
 from .settings import EMBEDDED_MODEL
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("COTUNE_CACHE", Path.home() / ".cache" / "cotune"))
 
 
 def embedded_gguf_path() -> Path:
@@ -164,11 +159,6 @@ def load_tokenizer(model_path: Path):
 def model_name_stem(base_model: str) -> str:
     stem = base_model.split(":", 1)[-1].rstrip("/").split("/")[-1]
     return "".join(c if c.isalnum() or c in "._-" else "-" for c in stem) or "model"
-
-
-def warn_if_cpu(device: str, what: str) -> None:
-    if device == "cpu":
-        warn(f"no CUDA GPU found: {what} runs on the CPU in fp32 (slow; fine for the demo preset)")
 
 
 def count_parameters(folder: Path) -> int:

@@ -2,6 +2,8 @@
 the end, checkpoints that a rerun with the same settings resumes from, and an adapter written atomically."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import os
@@ -148,7 +150,8 @@ def plot_loss_curve(entries: list[dict], path: Path) -> None:
     ax.plot(steps, losses, marker=".", label="training loss")
     evals = [(e["step"], e["eval_loss"]) for e in entries if "eval_loss" in e]
     if evals:
-        ax.plot(*zip(*evals), marker="o", linestyle="--", label="held-out loss")
+        # measured at these steps only (start and end): points, no line that would read as a measured curve
+        ax.plot(*zip(*evals), marker="o", linestyle="none", label="held-out loss (where measured)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
@@ -258,14 +261,17 @@ def trainer_class(base, split: str):
     return CotuneTrainer
 
 
-def sft_config(settings: Settings, backend, layout: Layout, split: str, checkpoints: Path, eval_on_start: bool):
-    """trl's SFTConfig for the recipe, on one process or as one of N (its share of each step: `layout`)."""
+def sft_config(settings: Settings, backend, layout: Layout, split: str, checkpoints: Path, eval_on_start: bool,
+               **overrides):
+    """trl's SFTConfig for the recipe, on one process or as one of N (its share of each step: `layout`). The
+    training stage and the benchmark both build theirs here; `overrides` are what the benchmark sets otherwise
+    (named where it calls)."""
     from trl import SFTConfig
 
     from .backends import gradient_checkpointing_value
 
     checkpointing = gradient_checkpointing_value(settings, backend)
-    return SFTConfig(
+    config = dict(
         output_dir=str(checkpoints), max_length=settings.max_seq_length, dataset_text_field="text", packing=False,
         per_device_train_batch_size=layout.micro_batch, per_device_eval_batch_size=settings.batch_size,
         gradient_accumulation_steps=layout.grad_accum, train_sampling_strategy=sampling_strategy(split),
@@ -278,6 +284,10 @@ def sft_config(settings: Settings, backend, layout: Layout, split: str, checkpoi
         gradient_checkpointing=backend.name == "hf" and checkpointing is True,
         gradient_checkpointing_kwargs={"use_reentrant": False}, dataset_num_proc=1,
         completion_only_loss=settings.completion_only_loss)
+    unknown = set(overrides) - set(config) - {f.name for f in dataclasses.fields(SFTConfig)}
+    if unknown:
+        raise TypeError(f"not SFTConfig fields: {sorted(unknown)}")
+    return SFTConfig(**{**config, **overrides})
 
 
 def training_callback(process, metrics: MetricsLog | None, eval_on_start: bool):
