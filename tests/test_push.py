@@ -7,7 +7,7 @@ import pytest
 
 from conftest import DEMO, PLANTED_TOKEN, ROOT, assert_user_error, error_lines, run_script
 from hubserver import LocalHub
-from netfaults import FailingServer, SilentServer
+from netfaults import SilentServer
 
 pytestmark = pytest.mark.slow
 REPO = "cotune-tests/fortune-smollm2"
@@ -223,9 +223,10 @@ def unreachable_hub(request):
     elif kind == "timeout":
         with SilentServer() as server:
             yield server.base, "did not answer within HUB_TIMEOUT=1 s (ReadTimeout)"
-    elif kind == "5xx":
-        with FailingServer(503) as server:
-            yield server.base, "failed (503: the Hub at"
+    elif kind == "5xx":  # the local Hub, down behind its load balancer: every request gets 503
+        with LocalHub(PLANTED_TOKEN) as hub:
+            hub.fail_with = 503
+            yield hub.base, "failed (503: the Hub at"
 
 
 @pytest.mark.parametrize("unreachable_hub", ["stopped", "no_route", "dns", "tls", "timeout", "5xx"], indirect=True)
