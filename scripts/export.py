@@ -18,7 +18,8 @@ def main(argv=None):
         record = run_export_stage(settings)
     print(f"merged into {record['merge']['merged_into']}")
     for quant, info in record["ggufs"].items():
-        print(f"{quant}: {info['path']} ({info['bytes'] / 2**20:.1f} MiB, sha256 {info['sha256'][:16]}...)")
+        print(f"{quant}: {settings.run_path / info['path']} ({info['bytes'] / 2**20:.1f} MiB, "
+              f"sha256 {info['sha256'][:16]}...)")
     print("seconds: " + ", ".join(f"{step} {s:.1f}" for step, s in record["seconds"].items()))
     timer.done(f"{len(record['ggufs'])} GGUF file(s) in {settings.stage_dir('export')}")
 

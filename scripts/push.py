@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Push stage: upload the verified GGUF files, a model card and an Ollama Modelfile to HUB_REPO_ID on the Hub.
 
-Refuses unless verify passed on the exported Q8_0 and is newer than it. HF_TOKEN comes from the environment or
-.env only. Creates the repo when missing (private unless HUB_PRIVATE=false); files already there with the same
-content are not sent again, so an interrupted push continues. `--dry-run` lists what would go where (sizes,
+Refuses unless verify passed on the exported Q8_0: the very file, by its content (sha256), not its time stamp.
+HF_TOKEN comes from the environment or .env only. Creates the repo when missing (private unless HUB_PRIVATE=false);
+files already there with the same content are not sent again, so an interrupted push continues. A network failure
+(or no answer within HUB_TIMEOUT seconds) is one line. `--dry-run` lists what would go where (sizes,
 sha256) and needs no token. The card and Modelfile are also written to RUN_DIR/push/.
 """
 from cotune.cli import StageTimer, parse_settings, stage_lock, stage_parser

@@ -1,6 +1,7 @@
 """A local HTTP server that answers the parts of the Hugging Face Hub API that the real clients use, loopback only:
 
-- uploads, as huggingface_hub's create_repo, get_paths_info and create_commit (LFS path) send them;
+- uploads, as huggingface_hub's create_repo and create_commit send them: preupload answers with the oids of the
+  files already stored (the client leaves those out), LFS uploads, and repo_info when nothing changed;
 - downloads, as huggingface_hub's snapshot_download / hf_hub_download and datasets' load_dataset ask for them:
   repo info with the commit sha, tree listing, paths-info, HEAD and GET of resolve/<revision>/<path> with the
   headers the client checks (X-Repo-Commit, ETag, Content-Length), large files redirected like LFS to a second
@@ -28,6 +29,11 @@ CDN_HOST = "127.0.0.2"  # another host name than the endpoint's: huggingface_hub
 
 def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def upload_oid(path: str, data: bytes) -> str:
+    """The id the Hub gives an uploaded file: sha256 for an LFS file, git's blob hash for the rest."""
+    return hashlib.sha256(data).hexdigest() if path.endswith(".gguf") else git_blob_sha1(data)
 
 
 class ServedFile:
@@ -280,6 +286,14 @@ class LocalHub:
                 if len(parts) >= 4 and parts[0] == "api" and parts[1] in ("models", "datasets"):
                     repo_type, repo_id, rest = parts[1][:-1], f"{parts[2]}/{parts[3]}", parts[4:]
                     if (repo_type, repo_id) not in hub.served and repo_id in hub.repos:
+                        if self.command == "GET" and (not rest or rest == ["revision", "main"]):
+                            # repo_info of an upload repo: the client asks it when a commit would be empty
+                            if not self._authorized():
+                                return True
+                            repo = hub.repos[repo_id]
+                            self._send(200, {"id": repo_id, "sha": repo.get("sha", "0" * 40),
+                                             "private": repo["private"]})
+                            return True
                         return False  # an upload repo: the push routes answer
                     if not rest:
                         self._info(repo_type, repo_id, None)
@@ -353,9 +367,13 @@ class LocalHub:
                     return self._send(200, out)
                 if m and m.group(2) == "preupload":
                     req = json.loads(body)
-                    return self._send(200, {"files": [{"path": f["path"], "shouldIgnore": False,
-                                                       "uploadMode": "lfs" if f["path"].endswith(".gguf") else "regular"}
-                                                      for f in req["files"]]})
+                    files = hub.repos[m.group(1)]["files"]
+                    # "oid" of a file already there: what the client compares with its own to skip unchanged files
+                    return self._send(200, {"files": [
+                        {"path": f["path"], "shouldIgnore": False,
+                         "uploadMode": "lfs" if f["path"].endswith(".gguf") else "regular",
+                         "oid": upload_oid(f["path"], files[f["path"]]) if f["path"] in files else None}
+                        for f in req["files"]]})
                 if m and m.group(2) == "commit":
                     if hub.fail_next_commit:
                         hub.fail_next_commit = False
@@ -372,6 +390,7 @@ class LocalHub:
                             files[item["value"]["path"]] = hub.lfs[oid]
                     hub.repos[m.group(1)]["files"].update(files)
                     oid = hashlib.sha1(body).hexdigest()
+                    hub.repos[m.group(1)]["sha"] = oid
                     return self._send(200, {"commitUrl": f"{hub.url(m.group(1))}/commit/{oid}", "commitOid": oid,
                                             "pullRequestUrl": None})
                 m = re.fullmatch(r"/([^/]+/[^/]+)\.git/info/lfs/objects/batch", self.path)

@@ -5,7 +5,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -42,7 +41,7 @@ def test_in_memory_export_writes_exactly_what_the_converter_writes(export_of_ran
     from cotune.files import sha256_file
 
     run, record = export_of_random_adapter
-    ours = Path(record["ggufs"][quant]["path"])
+    ours = run / record["ggufs"][quant]["path"]  # relative to the run folder
     reference = tmp_path / f"reference-{quant}.gguf"
     convert_to_gguf(run / "export" / "merged", reference, quant)  # convert_hf_to_gguf.py as is, on the saved folder
     assert gguf_differences(ours, reference) == []  # every metadata key, every tensor's name, type, shape and bytes
@@ -52,8 +51,8 @@ def test_in_memory_export_writes_exactly_what_the_converter_writes(export_of_ran
 def test_the_comparison_sees_a_single_changed_byte(export_of_random_adapter, tmp_path):
     from cotune.converter import converter_gguf, gguf_differences
 
-    _, record = export_of_random_adapter
-    q8 = Path(record["ggufs"]["Q8_0"]["path"])
+    run, record = export_of_random_adapter
+    q8 = run / record["ggufs"]["Q8_0"]["path"]
     changed = tmp_path / "changed.gguf"
     shutil.copy(q8, changed)
     last = converter_gguf().GGUFReader(q8).tensors[-1]
@@ -63,8 +62,8 @@ def test_the_comparison_sees_a_single_changed_byte(export_of_random_adapter, tmp
         fh.seek(-1, 1)
         fh.write(bytes([byte[0] ^ 1]))
     assert gguf_differences(q8, changed) == [f"tensor {last.name}: same type and shape, different bytes"]
-    assert gguf_differences(q8, Path(record["ggufs"]["F16"]["path"]))[0] == "metadata general.file_type: differs in " \
-                                                                          f"{q8.name}"
+    assert gguf_differences(q8, run / record["ggufs"]["F16"]["path"])[0] == "metadata general.file_type: differs in " \
+                                                                         f"{q8.name}"
 
 
 def test_export_record_times_every_step_and_keeps_no_intermediate(export_of_random_adapter):
@@ -100,12 +99,12 @@ def test_a_quant_type_added_to_the_table_alone_is_written_and_verified(demo_run,
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((run / "export" / "run.json").read_text())
     assert list(record["ggufs"]) == ["Q8_0", "Q6_K"], "F16 was only the quantizer's source"
-    q6_k = Path(record["ggufs"]["Q6_K"]["path"])
+    q6_k = run / record["ggufs"]["Q6_K"]["path"]
     assert q6_k.name == "SmolLM2-135M-Instruct-cotune-Q6_K.gguf" and not list((run / "export").glob("*F16*"))
 
     verify = run_script("verify", *DEMO, "--run-dir", str(run), "--gguf", str(q6_k), env=env)
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    report = json.loads((run / "verify" / "report.json").read_text())
+    report = json.loads((run / "verify" / "others" / f"{q6_k.name}.json").read_text())  # not the run's Q8_0
     assert report["passed"] and report["file_type"] == "Q6_K", report["checks"]
 
 

@@ -59,3 +59,41 @@ def test_bad_templates_are_refused(text, message):
 def test_missing_template_file():
     with pytest.raises(UserError, match="no such built-in template or file"):
         load_template("./nope.txt")
+
+
+ACCEPTED = [
+    "{question}\n<think>\n{reasoning}\n</think>\n{response}",  # no text before the question: push crashed on it
+    "Q: {question}\nA:\n<r>{reasoning}</r>\n{response}\n",
+    "{{x}} {% raw %} Q: {question}\n<t>\n{reasoning}\n</t>{response}",
+    '说明 "quoted" {question}\n<think>\n{reasoning}\n</think>\n{response}',
+]
+
+
+@pytest.mark.parametrize("text", ACCEPTED)
+def test_every_stage_can_read_an_accepted_template(text):
+    """What each stage takes from a template: the training text (data), the prompt (ask, verify), the reasoning
+    tags (verify, report), the GGUF's chat template (export, verify) and the Ollama Modelfile (push)."""
+    from cotune.hub import modelfile
+    from cotune.verification import render_chat_template
+
+    t = parse_template(text, "t.txt")
+    question = "我的财运如何？"
+    assert t.training_text(question, "R", "A", EOS).startswith(t.prompt(question))
+    assert t.reasoning_open and t.reasoning_close and t.prompt(question).rstrip().endswith(t.reasoning_open)
+    assert render_chat_template(t.chat_template(), question) == t.prompt(question)
+    mf = modelfile("m-Q8_0.gguf", t, EOS)
+    body = mf.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    assert body.replace("{{ .Prompt }}", question).replace('{{"{{"}}', "{{") == t.prompt(question)
+    assert f'PARAMETER stop "{EOS}"' in mf
+
+
+@pytest.mark.parametrize("text, message", [
+    ("Q {% endraw %} {question}\n<t>\n{reasoning}\n</t>{response}", "holds '{% endraw %}' before {reasoning}"),
+    ("Q {%- endraw -%} {question}\n<t>\n{reasoning}\n</t>{response}", "holds '{%- endraw -%}' before {reasoning}"),
+    ('Q """ {question}\n<t>\n{reasoning}\n</t>{response}', 'holds """ before {reasoning}'),
+    ('{question}\n<t """>\n{reasoning}\n</t>{response}', 'holds """ before {reasoning}'),
+])
+def test_templates_that_export_or_push_could_not_carry_are_refused(text, message):
+    with pytest.raises(UserError) as err:
+        parse_template(text, "t.txt")
+    assert message in str(err.value)

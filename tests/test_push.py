@@ -5,8 +5,9 @@ import shutil
 
 import pytest
 
-from conftest import DEMO, PLANTED_TOKEN, assert_user_error, run_script
+from conftest import DEMO, PLANTED_TOKEN, ROOT, assert_user_error, error_lines, run_script
 from hubserver import LocalHub
+from netfaults import SilentServer
 
 pytestmark = pytest.mark.slow
 REPO = "cotune-tests/fortune-smollm2"
@@ -116,7 +117,10 @@ def test_rejected_token_is_one_line(demo_run, run_copy):
     ("no_repo", ("HUB_REPO_ID is not set",)),
     ("no_verify", ("verify/report.json: missing; only a verified GGUF is pushed",)),
     ("failed_verify", ("verify FAILED (stopped on EOS before the token limit)",)),
-    ("stale_verify", ("older than SmolLM2-135M-Instruct-cotune-Q8_0.gguf",)),
+    ("changed_gguf", ("SmolLM2-135M-Instruct-cotune-Q8_0.gguf: not the file export wrote",)),
+    ("verify_of_other_content", ("speaks of", "not this run's SmolLM2-135M-Instruct-cotune-Q8_0.gguf",
+                                 "run `make verify` again")),
+    ("report_of_other_content", ("report/report.json: speaks of another GGUF", "run `make report` again")),
 ])
 def test_push_refusals(demo_run, run_copy, case, fragments):
     env = push_env(demo_run, token=None if case == "no_token" else PLANTED_TOKEN)
@@ -129,11 +133,107 @@ def test_push_refusals(demo_run, run_copy, case, fragments):
         data["passed"] = False
         data["checks"][4]["passed"] = False
         report.write_text(json.dumps(data))
-    elif case == "stale_verify":
-        q8 = run_copy / "export" / "SmolLM2-135M-Instruct-cotune-Q8_0.gguf"
-        os.utime(q8, (report.stat().st_mtime + 60,) * 2)
+    elif case == "changed_gguf":
+        with open(run_copy / "export" / "SmolLM2-135M-Instruct-cotune-Q8_0.gguf", "ab") as fh:
+            fh.write(b"\0")
+    elif case in ("verify_of_other_content", "report_of_other_content"):
+        path = report if case == "verify_of_other_content" else run_copy / "report" / "report.json"
+        data = json.loads(path.read_text())
+        data["sha256" if case == "verify_of_other_content" else "gguf"] = (
+            "0" * 64 if case == "verify_of_other_content" else {"name": "x.gguf", "sha256": "0" * 64})
+        path.write_text(json.dumps(data))
     if case == "no_repo":
         proc = run_script("push", *DEMO, "--run-dir", str(run_copy), env=env)
     else:
         proc = push(demo_run, run_copy, env, *args)
     assert_user_error(proc, *fragments)
+
+
+def test_a_touched_gguf_is_still_the_verified_one(demo_run, run_copy):
+    """Whether a file changed is decided by its content: a newer time stamp alone is no change."""
+    q8 = run_copy / "export" / "SmolLM2-135M-Instruct-cotune-Q8_0.gguf"
+    report = run_copy / "verify" / "report.json"
+    os.utime(q8, (report.stat().st_mtime + 60,) * 2)
+    proc = push(demo_run, run_copy, push_env(demo_run, token=None), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_verifying_another_file_keeps_the_runs_report(demo_run, run_copy):
+    """`make verify GGUF=<the run's F16>` with the run's RUN_DIR: the F16's report goes beside, the run's stays,
+    and the report and push go on speaking of the Q8_0."""
+    report = run_copy / "verify" / "report.json"
+    before = report.read_bytes()
+    f16 = run_copy / "export" / "SmolLM2-135M-Instruct-cotune-F16.gguf"
+    proc = run_script("verify", *DEMO, "--run-dir", str(run_copy), "--gguf", str(f16), env=demo_run["env"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert report.read_bytes() == before
+    other = json.loads((run_copy / "verify" / "others" / f"{f16.name}.json").read_text())
+    assert other["file_type"] == "F16" and f"report in {run_copy / 'verify' / 'others'}" in proc.stdout
+    proc = push(demo_run, run_copy, push_env(demo_run, token=None), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "| stopped on EOS before the token limit | pass |" in (run_copy / "push" / "README.md").read_text()
+
+
+def test_a_moved_run_folder_pushes_its_own_files(demo_run, run_copy, tmp_path):
+    moved = tmp_path / "moved"
+    run_copy.rename(moved)
+    proc = push(demo_run, moved, push_env(demo_run, token=None), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((moved / "export" / "run.json").read_text())
+    assert record["ggufs"]["Q8_0"]["path"] == "export/SmolLM2-135M-Instruct-cotune-Q8_0.gguf", "relative to the run"
+    assert not str(record["outputs"]["merged"]["path"]).startswith("/")
+
+
+def test_model_card_front_matter_is_the_hubs(demo_run):
+    from huggingface_hub import ModelCard
+
+    push(demo_run, demo_run["run"], push_env(demo_run, token=None), "--dry-run")
+    data = ModelCard((demo_run["run"] / "push" / "README.md").read_text()).data.to_dict()
+    # the embedded model is a GGUF of SmolLM2-135M-Instruct; the sample data is a local file, not a Hub dataset
+    assert data["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and data["base_model_relation"] == "finetune"
+    assert data["language"] == ["zh"] and data["pipeline_tag"] == "text-generation" and "datasets" not in data
+    assert data["license"] == "apache-2.0" and data["library_name"] == "gguf" and "gguf" in data["tags"]
+
+
+def test_model_card_names_the_reference_models_hub_lineage():
+    from cotune.hub import card_data
+    from cotune.settings import resolve
+
+    settings = resolve(environ={}, dotenv_path=ROOT / "no-such.env")
+    data = card_data(settings, {"settings": settings.public_dict()}).to_dict()
+    assert data["base_model"] == "unsloth/Qwen3-8B" and data["base_model_relation"] == "finetune"
+    assert data["datasets"] == ["Conard/fortune-telling"] and data["language"] == ["zh"]
+
+
+@pytest.fixture
+def unreachable_hub(request):
+    """HF_ENDPOINT of a Hub that fails the way a network does, and what the user must be told."""
+    kind = request.param
+    if kind == "stopped":  # the local Hub, started and stopped again: nothing listens on its port
+        with LocalHub(PLANTED_TOKEN) as hub:
+            endpoint = hub.base
+        yield endpoint, "can't be reached (ConnectError"
+    elif kind == "no_route":  # TEST-NET-1 (RFC 5737): never routed; refused at once or never answered
+        yield "http://192.0.2.1", "pushing to cotune-tests/fortune-smollm2 failed: the Hub at http://192.0.2.1"
+    elif kind == "dns":
+        yield "http://hub.cotune-test.invalid", "can't be reached (ConnectError"
+    elif kind == "tls":  # https to a server that speaks plain HTTP: the TLS handshake fails
+        with LocalHub(PLANTED_TOKEN) as hub:
+            yield hub.base.replace("http://", "https://"), "can't be reached (ConnectError"
+    elif kind == "timeout":
+        with SilentServer() as server:
+            yield server.base, "did not answer within HUB_TIMEOUT=1 s (ReadTimeout)"
+    elif kind == "5xx":  # the local Hub, down behind its load balancer: every request gets 503
+        with LocalHub(PLANTED_TOKEN) as hub:
+            hub.fail_with = 503
+            yield hub.base, "failed (503: the Hub at"
+
+
+@pytest.mark.parametrize("unreachable_hub", ["stopped", "no_route", "dns", "tls", "timeout", "5xx"], indirect=True)
+def test_every_network_failure_of_push_is_one_line(demo_run, run_copy, unreachable_hub):
+    endpoint, fragment = unreachable_hub
+    env = push_env(demo_run, HF_ENDPOINT=endpoint, HF_HUB_DISABLE_XET="1", NO_PROXY="127.0.0.1,.invalid")
+    proc = run_script("push", *DEMO, "--run-dir", str(run_copy), "--hub-repo-id", REPO, "--hub-timeout", "1",
+                      env=env, timeout=120)
+    assert_user_error(proc, f"pushing to {REPO} failed", fragment, "run `make push` again")
+    assert len(error_lines(proc)) == 1 and PLANTED_TOKEN not in proc.stdout + proc.stderr

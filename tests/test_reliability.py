@@ -54,17 +54,86 @@ def test_sigkill_during_export_leaves_nothing_done_and_a_rerun_completes(demo_ru
 def test_sigkill_during_verify_keeps_the_previous_report(demo_run, tmp_path):
     run = copy_run(demo_run, tmp_path / "run", stages=("data", "train", "export"))
     record = json.loads((run / "export" / "run.json").read_text())
-    # the copied export's record points at the original files; verify the copy's own Q8_0
     gguf = run / "export" / Path(record["ggufs"]["Q8_0"]["path"]).name
     report = run / "verify" / "report.json"
     report.parent.mkdir(parents=True)
     report.write_text('{"passed": true, "note": "an earlier, complete report"}')
-    started = time.monotonic()
-    kill_when([str(SCRIPTS / "verify.py"), *DEMO, "--run-dir", str(run), "--gguf", str(gguf)], demo_run["env"],
-              lambda: time.monotonic() - started > 2.5)  # mid-generation: loading takes ~1 s, answering ~2 s
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "verify.py"), *DEMO, "--run-dir", str(run), "--gguf",
+                             str(gguf)], env=demo_run["env"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, start_new_session=True)
+    # killed at a known point: the GGUF is loaded and it is being asked (the line verify prints just before)
+    asking = next((line for line in proc.stdout if line.startswith("asking ")), None)
+    assert asking is not None and proc.poll() is None, "verify ended before it asked the GGUF"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
     assert json.loads(report.read_text())["note"] == "an earlier, complete report"
     proc = run_script("verify", *DEMO, "--run-dir", str(run), "--gguf", str(gguf), env=demo_run["env"])
     assert proc.returncode == 0 and json.loads(report.read_text())["passed"] is True
+
+
+def test_verify_sizes_its_context_to_the_question_and_the_answer_budget(demo_run):
+    """Not the model's whole trained context (40k tokens, 5-6 GiB of KV cache for Qwen3-8B): the prompt, the answer
+    budget (MAX_NEW_TOKENS_AFTER, 400 in the demo) and a margin."""
+    from cotune.verification import CONTEXT_MARGIN
+
+    report = json.loads((demo_run["run"] / "verify" / "report.json").read_text())
+    assert report["n_ctx_train"] == 8192
+    assert report["prompt_tokens"] + 400 <= report["n_ctx"] <= report["prompt_tokens"] + 1 + 400 + CONTEXT_MARGIN
+    assert report["decoding"]["max_tokens"] == 400
+
+
+def test_verify_prints_an_excerpt_of_a_long_answer_and_keeps_it_whole(tmp_path):
+    """The untrained embedded model doesn't know the template and writes to its token limit."""
+    from cotune.models import embedded_gguf_path
+
+    gguf = embedded_gguf_path()
+    proc = run_script("verify", *DEMO, "--run-dir", str(tmp_path / "run"), "--gguf", str(gguf),
+                      "--max-new-tokens-after", "600", env=script_env(tmp_path))
+    assert "Traceback" not in proc.stderr, proc.stderr
+    report = json.loads((tmp_path / "run" / "verify" / "others" / f"{gguf.name}.json").read_text())
+    shown = proc.stdout.split("\nA: ", 1)[1].split("\n  PASS", 1)[0].split("\n  FAIL", 1)[0]
+    assert len(report["answer"]) > 1000, "a long answer (else this test shows nothing)"
+    assert len(shown) < 800 and shown.count("\n") <= 20, shown
+    assert "more characters; the whole answer is in" in shown and report["answer"].startswith(shown[:200])
+
+
+def test_an_answer_cut_at_its_token_limit_ends_on_a_whole_character():
+    """Chinese characters are 3 bytes, often split across tokens: an answer cut at the limit used to end in U+FFFD
+    in the report and the model card."""
+    import torch
+
+    from cotune.backends import choose_backend, load_for_generation
+    from cotune.generation import generate_answers
+    from cotune.models import resolve_model_path
+    from cotune.prompts import load_template
+    from cotune.settings import REFERENCE_QUESTION, resolve
+
+    settings = resolve({"preset": "demo"}, environ={}, dotenv_path=ROOT / "no-such.env")
+    backend = choose_backend(settings, quiet=True)
+    model, tokenizer = load_for_generation(settings, backend, resolve_model_path(settings.base_model))
+    prompt = load_template(settings.template).prompt(REFERENCE_QUESTION)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        full = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)[0]
+    new = full[ids.shape[1]:].tolist()
+    cut_inside = [n for n in range(1, len(new)) if tokenizer.decode(new[:n]).endswith("\ufffd")]
+    assert cut_inside, "no token limit here cuts inside a character (else this test shows nothing)"
+    for n in cut_inside:
+        answer = generate_answers(model, tokenizer, [prompt], n, backend.device, batch_size=1)[0]["answer"]
+        assert not answer.endswith("\ufffd") and answer == tokenizer.decode(new[:n]).rstrip("\ufffd"), n
+
+
+def test_report_of_a_moved_run_folder_reads_its_own_files(demo_run, tmp_path):
+    """A moved run folder's report finds its GGUFs in the folder it is given, not under the path it had."""
+    copy = tmp_path / "copy"
+    shutil.copytree(demo_run["run"], copy, ignore=shutil.ignore_patterns("checkpoints", ".lock", "report", "push"))
+    moved = tmp_path / "moved"
+    copy.rename(moved)
+    proc = run_script("report", *DEMO, "--run-dir", str(moved), env=demo_run["env"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((moved / "report" / "report.json").read_text())
+    assert report["title"] == "cotune report: SmolLM2-135M-Instruct-cotune-Q8_0.gguf"
+    assert report["gguf"]["sha256"] == json.loads((moved / "verify" / "report.json").read_text())["sha256"]
 
 
 @pytest.fixture

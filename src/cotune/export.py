@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import quants
 from .errors import UserError, warn
-from .files import atomic_path, sha256_any, sha256_file, write_run_record
+from .files import atomic_path, run_relative, sha256_any, sha256_file, write_run_record
 from .settings import Settings
 
 MAX_SHARD_SIZE = "50GB"  # save_pretrained's default, given explicitly: the converter's tensor order follows the shards
@@ -331,7 +331,8 @@ def _export(settings: Settings, out: Path, base: Path, adapter: Path, template, 
         shutil.rmtree(staged, ignore_errors=True)
     hashes.update({merged: background.result("merged"), adapter: background.result("adapter"),
                    base: background.result("base_model")})
-    ggufs = {q: {"path": str(p), "bytes": p.stat().st_size, "sha256": hashes[p]} for q, p in files.items()}
+    ggufs = {q: {"path": run_relative(p, settings.run_path), "bytes": p.stat().st_size, "sha256": hashes[p]}
+             for q, p in files.items()}
     seconds["total"] = time.monotonic() - started
     return write_run_record(out, settings.public_dict(), {"adapter": adapter, "base_model": base},
                             {"merged": merged, **{f"gguf_{q}": p for q, p in files.items()}},

@@ -30,10 +30,14 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
             rows = [row[: row.index(eos) + 1] if eos in row else row  # after EOS a finished row holds padding
                     for row in output[:, inputs["input_ids"].shape[1]:].tolist()]
             for row in rows:
+                stopped = bool(row) and row[-1] == eos
+                answer = tokenizer.decode(row, skip_special_tokens=True)
+                if not stopped:  # cut at the token limit, maybe inside a character: its first bytes decode to U+FFFD
+                    answer = answer.rstrip("\ufffd")
                 answers.append({
-                    "answer": tokenizer.decode(row, skip_special_tokens=True),
+                    "answer": answer,
                     "completion_tokens": len(row),
-                    "stopped_on_eos": bool(row) and row[-1] == eos,
+                    "stopped_on_eos": stopped,
                     "seconds": round(seconds, 2),  # the batch's
                     "tokens_per_s": round(sum(map(len, rows)) / seconds, 1) if seconds > 0 else None,
                     "batch_size": len(batch),

@@ -22,9 +22,10 @@ def _load(path: Path, target: str) -> dict:
 
 def gguf_answers(gguf: Path, prompts: list[tuple[str, str, str]], max_tokens: int, close_tag: str) -> list[dict]:
     """The GGUF answers each (kind, question, prompt), greedy, loaded as verify loads it."""
-    from .verification import answer_greedy, load_gguf
+    from .verification import answer_greedy, context_needed, load_gguf
 
-    llm, _ = load_gguf(gguf, n_ctx=0)  # 0: the model's training context
+    n_ctx, _ = context_needed(gguf, [prompt for _, _, prompt in prompts], max_tokens)
+    llm, _ = load_gguf(gguf, n_ctx=n_ctx)
     out = []
     try:
         for kind, question, prompt in prompts:
@@ -88,7 +89,28 @@ def adherence(answers: list[dict], limit: int) -> dict:
             "mean_answer_tokens": sum(a["completion_tokens"] for a in held) / n if n else None}
 
 
+def verified_ggufs(settings: Settings, export: dict, verify: dict) -> tuple[dict[str, Path], str]:
+    """This run folder's GGUF files (looked up by name in its export/, so a moved or copied run folder reads its
+    own), and the Q8_0's sha256, once verify's report is known to speak of that very file (by content)."""
+    from .files import sha256_file
+
+    out = settings.stage_dir("export")
+    ggufs = {q: out / Path(info["path"]).name for q, info in export["ggufs"].items()}
+    for quant, path in ggufs.items():
+        if not path.is_file():
+            raise UserError(f"{path}: listed by {out / 'run.json'} but missing; run `make export` again")
+    q8_sha256 = sha256_file(ggufs["Q8_0"])
+    if q8_sha256 != export["ggufs"]["Q8_0"]["sha256"]:
+        raise UserError(f"{ggufs['Q8_0']}: not the file export wrote (its content changed since); remove "
+                        f"{out / 'run.json'} and run `make export` again")
+    if verify.get("sha256") != q8_sha256:
+        raise UserError(f"{settings.stage_dir('verify') / 'report.json'}: speaks of {verify.get('gguf')}, not this "
+                        f"run's {ggufs['Q8_0'].name}; run `make verify` again")
+    return ggufs, q8_sha256
+
+
 def collect(settings: Settings) -> dict:
+    from .files import stage_fingerprint
     from .prompts import load_template
 
     run = settings.run_path
@@ -99,7 +121,7 @@ def collect(settings: Settings) -> dict:
     export = _load(run / "export" / "run.json", "export")
     verify = _load(run / "verify" / "report.json", "verify")
     template = load_template(settings.template)
-    ggufs = {q: Path(info["path"]) for q, info in export["ggufs"].items()}
+    ggufs, q8_sha256 = verified_ggufs(settings, export, verify)
     prompts = [(a["kind"], a["question"], a["prompt"]) for a in after["answers"]]
     gguf = gguf_answers(ggufs["Q8_0"], prompts, settings.max_new_tokens_after, template.reasoning_close)
     held_texts = [json.loads(line)["text"] for line in
@@ -107,7 +129,8 @@ def collect(settings: Settings) -> dict:
     fidelity = logit_fidelity(run / "export" / "merged", ggufs, held_texts)
     s = train["summary"]
     return {
-        "title": f"cotune report: {Path(ggufs['Q8_0']).name}",
+        "title": f"cotune report: {ggufs['Q8_0'].name}",
+        "gguf": {"name": ggufs["Q8_0"].name, "sha256": q8_sha256},
         "settings": data["settings"] | train["settings"],
         "hub_commits": train.get("hub_commits", {}),
         "versions": train["versions"],
@@ -128,6 +151,7 @@ def collect(settings: Settings) -> dict:
         "verify_passed": verify["passed"],
         "verify_checks": verify["checks"],
         "decoding": {"greedy": True, **GREEDY},
+        "stage_fingerprint": stage_fingerprint("report", settings.public_dict()),
     }
 
 

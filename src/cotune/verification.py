@@ -45,6 +45,31 @@ def load_gguf(path: Path, n_ctx: int, *, gpu: bool = True, threads: int | None =
     return llm, gpu
 
 
+CONTEXT_MARGIN = 16  # tokens beyond prompt and answer budget: BOS, and the EOS the answer stops on
+
+
+def context_needed(path: Path, prompts: list[str], max_tokens: int) -> tuple[int, int | None]:
+    """(context to load the GGUF with, the model's trained context): the longest prompt plus the answer budget plus a
+    margin, never more than the model was trained on. The whole trained context would be ~40k tokens for Qwen3-8B,
+    5-6 GiB of KV cache, and verify must run on a laptop. Reads only the GGUF's metadata and vocabulary."""
+    import llama_cpp
+
+    try:
+        with quiet_native_stderr():
+            vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    except (ValueError, RuntimeError) as err:
+        raise UserError(f"GGUF={path}: llama.cpp can't load it ({err}); the file is truncated or corrupt, export "
+                        "it again") from None
+    try:
+        meta = vocab.metadata
+        trained = int(meta.get(f"{meta.get('general.architecture')}.context_length", 0)) or None
+        longest = max(len(vocab.tokenize(p.encode(), add_bos=True, special=True)) for p in prompts)
+    finally:
+        vocab.close()
+    needed = longest + max_tokens + CONTEXT_MARGIN
+    return (needed if trained is None else min(trained, needed)), trained
+
+
 def expected_eos(path: Path) -> tuple[int | None, str]:
     """The HF tokenizer's EOS id, from the export record beside the GGUF (absent when only the GGUF was copied)."""
     record = path.parent / "run.json"
@@ -73,18 +98,30 @@ def answer_greedy(llm, prompt: str, max_tokens: int) -> dict:
     start = time.monotonic()
     completion = llm.create_completion(prompt, max_tokens=budget, **GREEDY)
     choice = completion["choices"][0]
+    # llama-cpp-python holds back the bytes of a character cut by the token limit, so the text ends on a whole one
     return {"text": choice["text"], "finish_reason": choice["finish_reason"], "budget": budget,
             "prompt_tokens": n_prompt, "completion_tokens": completion["usage"]["completion_tokens"],
             "seconds": time.monotonic() - start}
 
 
+def excerpt(text: str, where: str, head: int = 480, tail: int = 160, lines: int = 12) -> str:
+    """The start and end of a long answer, for the terminal: an untrained model may write thousands of tokens, which
+    the report file keeps whole."""
+    if len(text) <= head + tail and text.count("\n") < 2 * lines:
+        return text
+    start = "\n".join(text[:head].split("\n")[:lines])
+    end = "\n".join(text[-tail:].split("\n")[-(lines // 2):]).lstrip("\n")
+    hidden = len(text) - len(start) - len(end)
+    return f"{start}\n[... {hidden} more characters; the whole answer is in {where} ...]\n{end}"
+
+
 def verify_gguf(path: Path, template: PromptTemplate, question: str, max_tokens: int) -> dict:
     check_gguf_file(path)
     prompt = template.prompt(question)
-    llm, gpu = load_gguf(path, n_ctx=0)  # 0: the model's training context
+    n_ctx, trained_ctx = context_needed(path, [prompt], max_tokens)
+    llm, gpu = load_gguf(path, n_ctx=n_ctx)
     try:
         meta = llm.metadata
-        n_ctx = llm.n_ctx()
         checks = []
 
         def check(name: str, passed: bool | None, detail: str) -> None:
@@ -110,6 +147,7 @@ def verify_gguf(path: Path, template: PromptTemplate, question: str, max_tokens:
         else:
             check("EOS id matches the HF tokenizer", eos_id == want, f"GGUF {eos_id}, HF tokenizer {want} ({source})")
 
+        print(f"asking {path.name} the probe question (context {n_ctx} tokens, at most {max_tokens} new)", flush=True)
         reply = answer_greedy(llm, prompt, max_tokens)
         answer, finish, budget = reply["text"], reply["finish_reason"], reply["budget"]
         n_tokens, n_prompt, seconds = reply["completion_tokens"], reply["prompt_tokens"], reply["seconds"]
@@ -128,7 +166,7 @@ def verify_gguf(path: Path, template: PromptTemplate, question: str, max_tokens:
     return {
         "gguf": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size, "file_type": file_type,
         "architecture": meta.get("general.architecture"), "gpu_offload": gpu, "n_ctx": n_ctx,
-        "question": question, "prompt": prompt, "answer": answer, "finish_reason": finish,
+        "n_ctx_train": trained_ctx, "question": question, "prompt": prompt, "answer": answer, "finish_reason": finish,
         "completion_tokens": n_tokens, "prompt_tokens": n_prompt, "seconds": round(seconds, 2),
         "tokens_per_s": round(n_tokens / seconds, 1) if seconds > 0 else None,
         "decoding": {**GREEDY, "max_tokens": budget},
@@ -136,12 +174,40 @@ def verify_gguf(path: Path, template: PromptTemplate, question: str, max_tokens:
     }
 
 
-def run_verify_stage(settings: Settings, gguf: Path | None) -> dict:
+def run_q8_0(settings: Settings) -> Path:
+    """The run's Q8_0 GGUF: the file the run's export recorded, looked up by name in this run folder (a moved or
+    copied run folder reads its own files); before any export, where export writes it."""
     from .export import gguf_path
+
+    record = settings.stage_dir("export") / "run.json"
+    if record.is_file():
+        info = json.loads(record.read_text(encoding="utf-8")).get("ggufs", {}).get("Q8_0")
+        if info:
+            return settings.stage_dir("export") / Path(info["path"]).name
+    return gguf_path(settings, "Q8_0")
+
+
+def verify_report_path(settings: Settings, gguf: Path | None) -> tuple[Path, Path, bool]:
+    """(GGUF to verify, where its report goes, whether it is the run's own Q8_0). Only the run's Q8_0 writes
+    verify/report.json, which the report and push read; any other file's report goes to verify/others/, so
+    verifying another file never replaces the run's."""
+    own = run_q8_0(settings)
+    path = gguf or own
+    is_own = gguf is None or (path.is_file() and own.is_file() and path.samefile(own))
+    out = settings.stage_dir("verify")
+    return path, (out / "report.json" if is_own else out / "others" / f"{path.name}.json"), is_own
+
+
+def run_verify_stage(settings: Settings, gguf: Path | None) -> tuple[dict, Path]:
+    from .files import run_relative, stage_fingerprint
     from .prompts import load_template
 
-    path = gguf or gguf_path(settings, "Q8_0")
+    path, report_path, is_own = verify_report_path(settings, gguf)
     report = verify_gguf(path, load_template(settings.template), settings.probe_question,
                          settings.max_new_tokens_after)
-    write_json_atomic(settings.stage_dir("verify") / "report.json", report)
-    return report
+    if is_own:
+        public = settings.public_dict()
+        report.update(gguf=run_relative(path, settings.run_path), settings=public,
+                      stage_fingerprint=stage_fingerprint("verify", public))
+    write_json_atomic(report_path, report)
+    return report, report_path
