@@ -4,7 +4,6 @@ huggingface_hub and datasets fetch them with nothing changed but HF_ENDPOINT. Th
 the filled cache with the server gone; and every way the Hub can be down, slow or wrong is one line, exit 2, at once."""
 import hashlib
 import json
-import os
 import socket
 import subprocess
 import time
