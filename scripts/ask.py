@@ -15,7 +15,7 @@ def main(argv=None):
     parser.add_argument("which", choices=("baseline", "after"), help="base model, or base + trained adapter")
     args, settings = parse_settings(parser, argv)
     timer = StageTimer(args.which)
-    from cotune.generation import run_ask_stage
+    from cotune.ask import run_ask_stage
 
     with stage_lock(settings.stage_dir(args.which), args.which):
         record = run_ask_stage(settings, args.which)

@@ -16,7 +16,7 @@ def main(argv=None):
     parser.add_argument("--dry-run", action="store_true", help="list what would be uploaded; needs no token")
     args, settings = parse_settings(parser, argv)
     timer = StageTimer("push")
-    from cotune.hub import run_push_stage
+    from cotune.push import run_push_stage
 
     with stage_lock(settings.stage_dir("push"), "push"):
         result = run_push_stage(settings, args.dry_run)

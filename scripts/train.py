@@ -31,7 +31,7 @@ def main(argv=None):
 
     timer = StageTimer("train")
     from cotune.models import base_model_path
-    from cotune.training import preflight
+    from cotune.train import preflight
 
     writer_node = settings.node_rank == 0
     with stage_lock(settings.stage_dir("train"), "train") if writer_node else _no_lock():
@@ -49,7 +49,7 @@ def main(argv=None):
 def train_here(settings, lock: bool):
     timer = StageTimer("train")
     from cotune.distributed import launched
-    from cotune.training import run_train_stage
+    from cotune.train import run_train_stage
 
     with stage_lock(settings.stage_dir("train"), "train") if lock else _no_lock():
         record = run_train_stage(settings)

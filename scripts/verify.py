@@ -19,7 +19,7 @@ def main(argv=None):
                         "its report goes to RUN_DIR/verify/others/, never over the run's own")
     args, settings = parse_settings(parser, argv)
     timer = StageTimer("verify")
-    from cotune.verification import excerpt, run_verify_stage
+    from cotune.verify import excerpt, run_verify_stage
 
     with stage_lock(settings.stage_dir("verify"), "verify"):
         report, where = run_verify_stage(settings, args.gguf)

@@ -58,7 +58,7 @@ def test_the_benchmark_configures_trl_as_the_training_stage_does_but_for_its_nam
     from cotune.bench import BENCH_OVERRIDES
     from cotune.distributed import plan
     from cotune.settings import resolve
-    from cotune.training import sft_config
+    from cotune.train import sft_config
 
     settings = resolve({"preset": "demo"}, environ={}, dotenv_path=Path("/nonexistent"))
     backend = choose_backend(settings, quiet=True)

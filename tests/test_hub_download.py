@@ -169,7 +169,7 @@ def test_the_commits_used_are_in_every_run_record_the_report_and_the_model_card(
     for stage in ("data", "baseline", "train", "after", "export"):
         assert record(online, stage)["hub_commits"] == {"dataset": dataset, "base_model": model}, stage
     # the model card as push writes it (push itself refuses this run: two steps don't teach it to stop)
-    from cotune.hub import model_card
+    from cotune.push import model_card
     from cotune.settings import resolve
 
     settings = resolve(environ={**RECIPE, **SHORT, "RUN_DIR": str(online)}, dotenv_path=Path("/nonexistent"))

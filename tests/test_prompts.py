@@ -73,8 +73,8 @@ ACCEPTED = [
 def test_every_stage_can_read_an_accepted_template(text):
     """What each stage takes from a template: the training text (data), the prompt (ask, verify), the reasoning
     tags (verify, report), the GGUF's chat template (export, verify) and the Ollama Modelfile (push)."""
-    from cotune.hub import modelfile
-    from cotune.verification import render_chat_template
+    from cotune.push import modelfile
+    from cotune.verify import render_chat_template
 
     t = parse_template(text, "t.txt")
     question = "我的财运如何？"

@@ -196,7 +196,7 @@ def test_model_card_front_matter_is_the_hubs(demo_run):
 
 
 def test_model_card_names_the_reference_models_hub_lineage():
-    from cotune.hub import card_data
+    from cotune.push import card_data
     from cotune.settings import resolve
 
     settings = resolve(environ={}, dotenv_path=ROOT / "no-such.env")

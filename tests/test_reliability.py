@@ -74,7 +74,7 @@ def test_sigkill_during_verify_keeps_the_previous_report(demo_run, tmp_path):
 def test_verify_sizes_its_context_to_the_question_and_the_answer_budget(demo_run):
     """Not the model's whole trained context (40k tokens, 5-6 GiB of KV cache for Qwen3-8B): the prompt, the answer
     budget (MAX_NEW_TOKENS_AFTER, 400 in the demo) and a margin."""
-    from cotune.verification import CONTEXT_MARGIN
+    from cotune.verify import CONTEXT_MARGIN
 
     report = json.loads((demo_run["run"] / "verify" / "report.json").read_text())
     assert report["n_ctx_train"] == 8192
@@ -104,7 +104,7 @@ def test_an_answer_cut_at_its_token_limit_ends_on_a_whole_character():
     import torch
 
     from cotune.backends import choose_backend, load_for_generation
-    from cotune.generation import generate_answers
+    from cotune.ask import generate_answers
     from cotune.models import resolve_model_path
     from cotune.prompts import load_template
     from cotune.settings import REFERENCE_QUESTION, resolve

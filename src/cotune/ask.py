@@ -73,15 +73,13 @@ def run_ask_stage(settings: Settings, which: str) -> dict:
         inputs["adapter"] = adapter
     backend = choose_backend(settings)
     model, tokenizer = load_for_generation(settings, backend, model_path, adapter)
-    if adapter is not None and backend.name == "hf" and not backend.load_in_4bit:
-        # the same weights with the adapter folded in (exact up to rounding): one matmul per projection, not three
+    if adapter is not None and backend.stack.fold_adapter_to_ask(backend):
         model = model.merge_and_unload()
     max_new = settings.max_new_tokens_before if which == "baseline" else settings.max_new_tokens_after
     questions = questions_to_ask(settings)
     prompts = [template.prompt(question) for _, question in questions]
-    # all questions in one batch on the plain stack; Unsloth's fast generation asks them one at a time
     answers = generate_answers(model, tokenizer, prompts, max_new, backend.device,
-                               batch_size=len(prompts) if backend.name == "hf" else 1)
+                               batch_size=len(prompts) if backend.stack.asks_in_one_batch else 1)
     for (kind, question), prompt, result in zip(questions, prompts, answers):
         result.update({"kind": kind, "question": question, "prompt": prompt,
                        "closed_reasoning": template.reasoning_close in result["answer"]})

@@ -118,18 +118,20 @@ def worker(args) -> dict:
     backend_name, overrides, description = CONFIGS[args.config]
     overrides = dict(overrides)
     kbit_upcast = overrides.pop("kbit_upcast", False)
+    from .backends import STACKS
+
     if backend_name == "unsloth":
         os.environ.setdefault("UNSLOTH_LOG_MFU", "1")  # Unsloth's own LoRA-aware MFU, logged beside ours
-        import unsloth  # noqa: F401  (must patch before transformers/trl are imported)
+    STACKS[backend_name].patch()  # before transformers/trl are imported
     import torch
     from datasets import Dataset
     from trl import SFTTrainer
 
-    from .backends import choose_backend, gradient_checkpointing_value, load_for_training
+    from .backends import choose_backend, load_for_training
     from .distributed import plan
     from .models import count_parameters
     from .settings import resolve
-    from .training import sft_config
+    from .train import sft_config
 
     cli = {"base_model": args.model, "backend": backend_name, "max_steps": str(args.steps), "warmup_steps": "0",
            "max_seq_length": str(args.max_len)}
@@ -139,7 +141,7 @@ def worker(args) -> dict:
     settings = resolve(cli, environ={}, dotenv_path=Path("/nonexistent"))
     batch, accum = settings.batch_size, settings.grad_accum
     backend = choose_backend(settings, quiet=True)
-    checkpointing = gradient_checkpointing_value(settings, backend)
+    checkpointing = backend.stack.checkpointing(settings.gradient_checkpointing)
     model, tokenizer = load_for_training(settings, backend, Path(args.model), kbit_upcast=kbit_upcast)
     rows = synthetic_rows(args.rows, args.max_len, args.median, min(len(tokenizer), model.config.vocab_size))
     config = sft_config(settings, backend, plan(settings, nproc_per_node=1, nnodes=1), "random",
@@ -295,25 +297,30 @@ def balance(by_rank: list[list[tuple[int, int]]], accum: int, steps: list[int]) 
             "padding_share": 1 - real / computed if computed else None}
 
 
+def ddp_backend(cuda: bool) -> str:
+    """The stack the DDP comparison trains with: the reference recipe's on a GPU, the plain stack on the CPU."""
+    return "unsloth" if cuda else "hf"
+
+
 def ddp_worker(args) -> None:
     """One process of the comparison (one of N under torchrun, or alone): load the model once, then train every
     (sequences per step, split) plan from the same initial LoRA weights; rank 0 writes what all measured."""
     import dataclasses
     import gc
 
-    if args.cuda:
-        import unsloth  # noqa: F401  (must patch before transformers/trl are imported)
+    from .backends import STACKS, choose_backend, load_for_training
+
+    STACKS[ddp_backend(args.cuda)].patch()  # before transformers/trl are imported
     import torch
     from datasets import Dataset
     from trl import SFTTrainer
 
-    from .backends import choose_backend, load_for_training
     from .distributed import decided_by_writer, end_process_group, gathered, plan, start_process_group, this_process
     from .settings import resolve
-    from .training import sft_config, trainer_class
+    from .train import sft_config, trainer_class
 
     me = this_process()
-    cli = {"base_model": args.model, "backend": "unsloth" if args.cuda else "hf", "max_steps": str(args.steps),
+    cli = {"base_model": args.model, "backend": ddp_backend(args.cuda), "max_steps": str(args.steps),
            "warmup_steps": "0", "max_seq_length": str(args.max_len), "batch_size": str(args.micro),
            "grad_accum": "1", "offload_embedding": "false"}
     if not args.cuda:
@@ -394,10 +401,10 @@ def ddp_comparison(model: Path, out: Path, nproc: int, steps: int, warmup: int, 
                    micro: int = DDP_MICRO, budget: float = 0) -> dict:
     """1 process, then `nproc` through torchrun, each training every plan (cotune's split first; with a `budget` in
     seconds, each run starts no plan after it); a table of what N processes gain on the plans both ran."""
-    from .distributed import split_for
+    from .backends import STACKS
 
     out.mkdir(parents=True, exist_ok=True)
-    ours = split_for("unsloth" if cuda else "hf")
+    ours = STACKS[ddp_backend(cuda)].split
     ordered = sorted(splits, key=lambda name: name != ours)
     plans = ",".join(f"{n}:{split}" for split in ordered for n in sequences)
     runs, failed = {}, []
@@ -453,10 +460,10 @@ def ddp_rows(one: dict, many: dict) -> list[dict]:
 
 
 def ddp_table(result: dict) -> str:
-    from .distributed import split_for
+    from .backends import STACKS
 
     one, many = result["one"], result["many"]
-    n, ours = many["world_size"], split_for(one["backend"])
+    n, ours = many["world_size"], STACKS[one["backend"]].split
     f = lambda v, d=3: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
     base = {r["sequences_per_step"]: r for r in result["rows"] if r["split"] == ours}
     lines = [f"Device: {many.get('gpu') or 'CPU'}, {n} processes against 1. Random weights; {one['backend']}; "
@@ -489,7 +496,7 @@ def decode_bench(gguf: Path, *, gpu: bool, threads: int | None, new_tokens: int 
     that would stop early still decodes the full count."""
     import llama_cpp
 
-    from .verification import check_gguf_file, load_gguf
+    from .verify import check_gguf_file, load_gguf
 
     check_gguf_file(gguf)
     threads = threads or os.cpu_count()

@@ -24,11 +24,6 @@ SPLITS = {
 }
 
 
-def split_for(backend_name: str) -> str:
-    """Unsloth's micro-batches are padding-free, so their work grows with tokens; the plain stack pads each
-    micro-batch to its longest row, which transformers' own split prices."""
-    return "tokens" if backend_name == "unsloth" else "batch_rebalance"
-
 def split_sequences(batch: int, accum: int, world: int) -> tuple[int, int] | None:
     """(micro-batch, accumulation) per process that keeps BATCH_SIZE x GRAD_ACCUM sequences per optimizer step over
     `world` processes, the micro-batch no larger than BATCH_SIZE (the memory knob); None when it can't be exact."""

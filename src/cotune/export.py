@@ -25,16 +25,6 @@ from .settings import Settings
 MAX_SHARD_SIZE = "50GB"  # save_pretrained's default, given explicitly: the converter's tensor order follows the shards
 
 
-def gguf_stem(settings: Settings) -> str:
-    from .models import model_name_stem
-
-    return settings.gguf_name or f"{model_name_stem(settings.base_model)}-cotune"
-
-
-def gguf_path(settings: Settings, quant: str) -> Path:
-    return settings.stage_dir("export") / f"{gguf_stem(settings)}-{quant}.gguf"
-
-
 def check_disk(settings: Settings, n_params: int, merge_bytes_per_weight: int) -> None:
     out = settings.stage_dir("export")
     out.mkdir(parents=True, exist_ok=True)
@@ -89,7 +79,7 @@ def merge_adapter(precision: tuple[str, bool], base: Path, adapter: Path, chat_t
     dtype_name, nf4 = precision
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     if nf4:
-        from .backends import nf4_config
+        from .backends.hf import nf4_config
 
         model = AutoModelForCausalLM.from_pretrained(base, quantization_config=nf4_config(dtype), dtype=dtype,
                                                      use_safetensors=True, device_map={"": 0})
@@ -312,17 +302,17 @@ def _export(settings: Settings, out: Path, base: Path, adapter: Path, template, 
         with converter_folder(out, model, tokenizer, merged.name) as folder:
             background.start("merged", _save_and_hash_merged, model, tokenizer, merged, tensors, seconds)
             for quant in plan.convert:
-                target = staged / gguf_path(settings, quant.name).name
+                target = staged / quants.gguf_path(settings, quant.name).name
                 # sha256 is taken while writing: no separate pass over the file
                 hashes[target] = timed(seconds, f"convert_{quant.name}", convert_in_memory, folder, tensors, target,
                                        quant.name, threads)
                 for made in (q for q in plan.quantize if q.quantized_from == quant.name):
-                    background.start(made.name, _quantize_and_hash, target, staged / gguf_path(settings, made.name).name,
+                    background.start(made.name, _quantize_and_hash, target, staged / quants.gguf_path(settings, made.name).name,
                                      made.name, threads, seconds)
         del tensors, model
         timed(seconds, "wait_background", background.finish)
-        hashes.update({staged / gguf_path(settings, q.name).name: background.result(q.name) for q in plan.quantize})
-        files = {q: gguf_path(settings, q) for q in wanted}
+        hashes.update({staged / quants.gguf_path(settings, q.name).name: background.result(q.name) for q in plan.quantize})
+        files = {q: quants.gguf_path(settings, q) for q in wanted}
         for quant, final in files.items():
             os.replace(staged / final.name, final)
             hashes[final] = hashes[staged / final.name]

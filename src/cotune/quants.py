@@ -5,6 +5,7 @@ type are looked up by name in `gguf.LlamaFileType` / `llama_cpp.LLAMA_FTYPE_*` w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 # The file types llama.cpp's converter writes itself (its --outtype choices f32, f16, bf16, q8_0).
 CONVERTER_FILE_TYPES = ("ALL_F32", "MOSTLY_F16", "MOSTLY_BF16", "MOSTLY_Q8_0")
@@ -92,3 +93,11 @@ def file_type_name(value: int) -> str:
         if attr.startswith("LLAMA_FTYPE_") and getattr(llama_cpp, attr) == value and attr != "LLAMA_FTYPE_GUESSED":
             return attr.removeprefix("LLAMA_FTYPE_").removeprefix("MOSTLY_").removeprefix("ALL_")
     return str(value)
+
+
+def gguf_path(settings, quant: str) -> Path:
+    """Where the export writes the run's file of this type: <run>/export/<GGUF_NAME or base model>-cotune-<type>.gguf."""
+    from .models import model_name_stem
+
+    stem = settings.gguf_name or f"{model_name_stem(settings.base_model)}-cotune"
+    return settings.stage_dir("export") / f"{stem}-{quant}.gguf"

@@ -11,7 +11,7 @@ from .errors import UserError
 from .files import atomic_path, write_json_atomic, write_text_atomic
 from .hubrepo import commits_sentence
 from .settings import Settings
-from .verification import GREEDY
+from .verify import GREEDY
 
 
 def _load(path: Path, target: str) -> dict:
@@ -22,7 +22,7 @@ def _load(path: Path, target: str) -> dict:
 
 def gguf_answers(gguf: Path, prompts: list[tuple[str, str, str]], max_tokens: int, close_tag: str) -> list[dict]:
     """The GGUF answers each (kind, question, prompt), greedy, loaded as verify loads it."""
-    from .verification import answer_greedy, context_needed, load_gguf
+    from .verify import answer_greedy, context_needed, load_gguf
 
     n_ctx, _ = context_needed(gguf, [prompt for _, _, prompt in prompts], max_tokens)
     llm, _ = load_gguf(gguf, n_ctx=n_ctx)

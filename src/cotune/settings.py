@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import quants
+from .backends import STACKS
 from .errors import UserError
 from .splits import fixed_overlap, parse_split
 
@@ -230,7 +231,7 @@ class Settings:
     disk_check: bool = _setting(True, "check free disk against what training checkpoints and the export need before "
                                       "writing; false only where the estimate is wrong for your filesystem", "run")
     backend: str = _setting("auto", "auto: Unsloth when a CUDA GPU and Unsloth are there, else transformers+peft+trl",
-                            "run", choices=("auto", "unsloth", "hf"))
+                            "run", choices=("auto", *STACKS))
     offload_embedding: str = _setting("auto", "Unsloth: keep the frozen input embedding in host RAM (true saves its "
                                               "GPU memory, 1.16 GiB for Qwen3-8B, at no measurable speed cost; auto "
                                               "lets Unsloth decide from free memory); the plain stack ignores it",

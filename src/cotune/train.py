@@ -268,9 +268,7 @@ def sft_config(settings: Settings, backend, layout: Layout, split: str, checkpoi
     (named where it calls)."""
     from trl import SFTConfig
 
-    from .backends import gradient_checkpointing_value
-
-    checkpointing = gradient_checkpointing_value(settings, backend)
+    checkpointing = backend.stack.checkpointing(settings.gradient_checkpointing)
     config = dict(
         output_dir=str(checkpoints), max_length=settings.max_seq_length, dataset_text_field="text", packing=False,
         per_device_train_batch_size=layout.micro_batch, per_device_eval_batch_size=settings.batch_size,
@@ -281,7 +279,7 @@ def sft_config(settings: Settings, backend, layout: Layout, split: str, checkpoi
         logging_steps=settings.logging_steps, save_strategy="steps", save_steps=settings.save_steps,
         save_total_limit=2, eval_strategy="no", eval_on_start=eval_on_start, report_to="none",
         bf16=backend.dtype == "bf16", fp16=backend.dtype == "fp16", use_cpu=backend.device == "cpu",
-        gradient_checkpointing=backend.name == "hf" and checkpointing is True,
+        gradient_checkpointing=backend.stack.trainer_checkpointing and checkpointing is True,
         gradient_checkpointing_kwargs={"use_reentrant": False}, dataset_num_proc=1,
         completion_only_loss=settings.completion_only_loss)
     unknown = set(overrides) - set(config) - {f.name for f in dataclasses.fields(SFTConfig)}
@@ -335,7 +333,7 @@ def run_train_stage(settings: Settings) -> dict | None:
     model on its own device; DDP averages their gradients). Rank 0 alone writes and returns the run record."""
     from .backends import choose_backend, load_for_training
     from .data import read_jsonl
-    from .distributed import (decided_by_writer, end_process_group, gathered, on_every_process, plan, split_for,
+    from .distributed import (decided_by_writer, end_process_group, gathered, on_every_process, plan,
                               start_process_group, this_process)
     from .models import base_model_path
 
@@ -344,8 +342,7 @@ def run_train_stage(settings: Settings) -> dict | None:
     data = settings.stage_dir("data")
     layout = plan(settings, nproc_per_node=me.local_world_size, nnodes=me.world_size // me.local_world_size)
     backend = choose_backend(settings, quiet=not me.is_writer, world_size=me.world_size)
-    if backend.name == "unsloth":
-        import unsloth  # noqa: F401  (patches transformers, trl and peft: before any of them is imported)
+    backend.stack.patch()  # before transformers, trl and peft are imported
     if not me.is_writer:
         quiet_progress()
     start_process_group(me, backend.device)
@@ -377,7 +374,7 @@ def run_train_stage(settings: Settings) -> dict | None:
         checkpoints.mkdir(parents=True, exist_ok=True)
         write_json_atomic(checkpoints / "fingerprint.json", fingerprint)
         metrics = MetricsLog(out / "metrics.jsonl", int(resume_from.name.split("-")[-1]) if resume_from else 0)
-    split = split_for(backend.name)
+    split = backend.stack.split
     start_eval = decided_by_writer(me, lambda: "start" not in metrics.eval_losses())
     # On N processes the held-out loss at the start is taken inside train(), once DDP wraps the model: an evaluate()
     # before train() marks the model prepared, train() then leaves it unwrapped, and the processes train apart

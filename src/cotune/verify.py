@@ -11,6 +11,7 @@ from pathlib import Path
 from .errors import UserError
 from .files import quiet_native_stderr, sha256_file, write_json_atomic
 from .prompts import PromptTemplate
+from . import quants
 from .quants import file_type_name
 from .settings import Settings
 
@@ -177,14 +178,12 @@ def verify_gguf(path: Path, template: PromptTemplate, question: str, max_tokens:
 def run_q8_0(settings: Settings) -> Path:
     """The run's Q8_0 GGUF: the file the run's export recorded, looked up by name in this run folder (a moved or
     copied run folder reads its own files); before any export, where export writes it."""
-    from .export import gguf_path
-
     record = settings.stage_dir("export") / "run.json"
     if record.is_file():
         info = json.loads(record.read_text(encoding="utf-8")).get("ggufs", {}).get("Q8_0")
         if info:
             return settings.stage_dir("export") / Path(info["path"]).name
-    return gguf_path(settings, "Q8_0")
+    return quants.gguf_path(settings, quants.REQUIRED)
 
 
 def verify_report_path(settings: Settings, gguf: Path | None) -> tuple[Path, Path, bool]:
