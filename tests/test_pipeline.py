@@ -192,6 +192,25 @@ def test_report_figures_are_real_and_in_range(demo_run):
     assert "| base | fine-tuned | GGUF Q8_0 |" in md and r["probe"][0]["question"] in md
 
 
+def test_both_formats_render_one_context_and_the_page_escapes_what_it_shows(demo_run):
+    """report.md and report.html come from one context: every verify check and GGUF in both; a model's answer is
+    text on the page, never markup."""
+    from cotune.report import render
+
+    out = demo_run["run"] / "report"
+    r = json.loads((out / "report.json").read_text())
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for check in r["verify_checks"]:
+        assert check["check"] in md and check["check"] in page, check["check"]
+    for quant, info in r["ggufs"].items():
+        assert info["sha256"] in md and info["sha256"] in page, quant
+    assert md.count("| base | fine-tuned | GGUF Q8_0 |") == len(r["probe"]) and page.count('class="probe-row"') == 1
+    r["probe"][0]["gguf"] = "<script>alert(1)</script> a | b"
+    hostile = render(r, "html", b"png")
+    assert "<script>alert(1)</script>" not in hostile and "&lt;script&gt;alert(1)&lt;/script&gt; a | b" in hostile
+    assert "&lt;script&gt;" not in render(r, "md", b"png") and "\\| b" in render(r, "md", b"png")
+
+
 def test_report_page_renders_in_a_browser(demo_run, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:

@@ -187,7 +187,8 @@ def available_ram_bytes() -> int | None:
     return None
 
 
-def preflight_memory(model_path: Path, bytes_per_weight: float, what: str, gpu: bool = False) -> None:
+def preflight_memory(model_path: Path, bytes_per_weight: float, what: str, gpu: bool = False,
+                     remedy: str = "use a smaller model, LOAD_IN_4BIT=true on a GPU, or a bigger machine") -> None:
     """Refuse before loading when the weights alone would not fit: the numbers, and what to change."""
     need = count_parameters(model_path) * bytes_per_weight * 1.2 + (1 << 30)  # activations, buffers, runtime
     if gpu:
@@ -199,5 +200,4 @@ def preflight_memory(model_path: Path, bytes_per_weight: float, what: str, gpu: 
         where, have = "RAM available", available_ram_bytes()
     if have is not None and have < need:
         raise UserError(f"{what} needs about {need / 2**30:.1f} GiB for {model_path.name} and only "
-                        f"{have / 2**30:.1f} GiB {where}; use a smaller model, LOAD_IN_4BIT=true on a GPU, or a "
-                        "bigger machine")
+                        f"{have / 2**30:.1f} GiB {where}; {remedy}")

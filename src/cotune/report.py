@@ -1,13 +1,14 @@
-"""The report stage: does the fine-tune work, and does the GGUF keep it. One self-contained HTML page and a Markdown
-twin, every figure from this run's files, each saying how many samples it rests on."""
+"""The report stage: does the fine-tune work, and does the GGUF keep it. It gathers this run's records and what
+evaluation.py measures into one context (report.json), and renders it as one self-contained HTML page and a
+Markdown twin from templates/report.{html,md}.j2."""
 from __future__ import annotations
 
 import base64
-import html
 import json
 from pathlib import Path
 
 from .errors import UserError
+from .evaluation import adherence, gguf_answers, logit_fidelity
 from .files import atomic_path, write_json_atomic, write_text_atomic
 from .hubrepo import commits_sentence
 from .settings import Settings
@@ -18,75 +19,6 @@ def _load(path: Path, target: str) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: missing; run `make {target}` first")
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def gguf_answers(gguf: Path, prompts: list[tuple[str, str, str]], max_tokens: int, close_tag: str) -> list[dict]:
-    """The GGUF answers each (kind, question, prompt), greedy, loaded as verify loads it."""
-    from .verify import answer_greedy, context_needed, load_gguf
-
-    n_ctx, _ = context_needed(gguf, [prompt for _, _, prompt in prompts], max_tokens)
-    llm, _ = load_gguf(gguf, n_ctx=n_ctx)
-    out = []
-    try:
-        for kind, question, prompt in prompts:
-            reply = answer_greedy(llm, prompt, max_tokens)
-            out.append({"kind": kind, "question": question, "answer": reply["text"],
-                        "completion_tokens": reply["completion_tokens"],
-                        "stopped_on_eos": reply["finish_reason"] == "stop",
-                        "closed_reasoning": close_tag in reply["text"]})
-    finally:
-        llm.close()
-    return out
-
-
-def logit_fidelity(merged: Path, ggufs: dict[str, Path], texts: list[str]) -> dict:
-    """Teacher-forced on the same token ids: top-1 agreement of each GGUF with the merged model, and |Δlogit|
-    against the F16 GGUF (the converter's full-precision output)."""
-    import llama_cpp
-    import numpy as np
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .files import quiet_native_stderr
-
-    tokenizer = AutoTokenizer.from_pretrained(merged)
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, use_safetensors=True).eval()
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    with torch.no_grad():
-        hf = [model(torch.tensor([i])).logits[0].float().numpy() for i in ids]
-    del model
-    gguf_logits = {}
-    for quant, path in ggufs.items():
-        with quiet_native_stderr():
-            llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(len(i) for i in ids) + 8, logits_all=True,
-                                  verbose=False, n_gpu_layers=0)
-        rows = []
-        for i in ids:
-            llm.reset()
-            llm.eval(i)
-            rows.append(np.array(llm.scores[: len(i)], dtype=np.float32))
-        llm.close()
-        gguf_logits[quant] = rows
-    positions = sum(len(i) for i in ids)
-    result = {"texts": len(texts), "positions": positions, "per_gguf": {}}
-    for quant, rows in gguf_logits.items():
-        vocab = min(rows[0].shape[1], hf[0].shape[1])
-        agree = sum(int((h[:, :vocab].argmax(-1) == g[:, :vocab].argmax(-1)).sum()) for h, g in zip(hf, rows))
-        entry = {"top1_agreement_with_merged": agree / positions}
-        if "F16" in gguf_logits and quant != "F16":
-            deltas = np.concatenate([np.abs(g[:, :vocab] - r[:, :vocab]).ravel()
-                                     for g, r in zip(rows, gguf_logits["F16"])])
-            entry.update({"mean_abs_dlogit_vs_F16": float(deltas.mean()), "max_abs_dlogit_vs_F16": float(deltas.max())})
-        result["per_gguf"][quant] = entry
-    return result
-
-
-def adherence(answers: list[dict], limit: int) -> dict:
-    held = [a for a in answers if a.get("kind", "probe") == "held_out"] or answers
-    n = len(held)
-    ok = sum(1 for a in held if a["closed_reasoning"] and a["stopped_on_eos"] and a["completion_tokens"] < limit)
-    return {"n": n, "share_closed_and_stopped": ok / n if n else None,
-            "mean_answer_tokens": sum(a["completion_tokens"] for a in held) / n if n else None}
 
 
 def verified_ggufs(settings: Settings, export: dict, verify: dict) -> tuple[dict[str, Path], str]:
@@ -163,92 +95,36 @@ def _fmt(value, digits=3) -> str:
     return str(value)
 
 
-def render_markdown(r: dict, image_name: str) -> str:
-    t, f = r["training"], r["fidelity"]
-    lines = [f"# {r['title']}", "", f"Verify: **{'PASSED' if r['verify_passed'] else 'FAILED'}**. "
-             f"Dataset {r['dataset']['name']} (sha256 {_fmt(r['dataset']['sha256'])}), {r['dataset']['train_rows']} "
-             f"training rows, {r['dataset']['eval_rows']} held out. Greedy decoding, seed {r['decoding']['seed']}.", "",
-             *([commits_sentence(r["hub_commits"]), ""] if r.get("hub_commits") else []),
-             f"![training and held-out loss]({image_name})", "",
-             f"## Held-out loss ({r['eval_rows_for_loss']} rows)", "", "| | before | after |", "|---|---|---|",
-             f"| loss | {_fmt(t['eval_loss_start'])} | {_fmt(t['eval_loss_end'])} |",
-             f"| perplexity | {_fmt(t['perplexity_start'], 2)} | {_fmt(t['perplexity_end'], 2)} |", "",
-             "## Probe question", ""]
-    for p in r["probe"]:
-        lines += [f"**{p['question']}**", "", "| base | fine-tuned | GGUF Q8_0 |", "|---|---|---|",
-                  "| " + " | ".join(p[k].replace("\n", "<br>").replace("|", "\\|") for k in ("base", "fine_tuned", "gguf"))
-                  + " |", ""]
-    lines += ["## Format adherence on held-out questions", "",
-              "| model | questions | closed reasoning and stopped on EOS | mean answer tokens |", "|---|---|---|---|"]
-    for name, a in r["adherence"].items():
-        lines.append(f"| {name} | {a['n']} | {_fmt(a['share_closed_and_stopped'], 2)} | {_fmt(a['mean_answer_tokens'], 1)} |")
-    lines += ["", f"## GGUF fidelity ({f['texts']} held-out texts, {f['positions']} token positions, teacher-forced)", "",
-              "| GGUF | top-1 agreement with merged model | mean abs(Δlogit) vs F16 | max abs(Δlogit) vs F16 |",
-              "|---|---|---|---|"]
-    for q, e in f["per_gguf"].items():
-        lines.append(f"| {q} | {_fmt(e['top1_agreement_with_merged'], 4)} | {_fmt(e.get('mean_abs_dlogit_vs_F16'))} | "
-                     f"{_fmt(e.get('max_abs_dlogit_vs_F16'))} |")
-    lines += ["", "## GGUF files", "", "| type | bytes | sha256 |", "|---|---|---|"]
-    lines += [f"| {q} | {i['bytes']} | {i['sha256']} |" for q, i in r["ggufs"].items()]
-    lines += ["", "## Settings and versions", "", "```json", json.dumps({"settings": r["settings"],
-                                                                       "versions": r["versions"]},
-                                                                      ensure_ascii=False, indent=1), "```", ""]
-    return "\n".join(lines)
+def _markdown_cell(text) -> str:
+    return str(text).replace("\n", "<br>").replace("|", "\\|")
 
 
-def render_html(r: dict, png: bytes) -> str:
-    """The Markdown's content as one self-contained page (inline CSS, the loss curve as a data URI)."""
-    e = html.escape
-    t, f = r["training"], r["fidelity"]
+def _environment():
+    """Both formats from templates/report.{md,html}.j2 over one context; HTML escapes every value it is given."""
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
-    def table(head, rows, row_class=""):
-        cls = f' class="{row_class}"' if row_class else ""
-        return ("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>" +
-                "".join(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+    env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), undefined=StrictUndefined,
+                      autoescape=select_autoescape(enabled_extensions=("html.j2",), default_for_string=False),
+                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters.update(fmt=_fmt, cell=_markdown_cell,
+                       outcome=lambda passed: {True: "PASS", False: "FAIL", None: "SKIP"}[passed])
+    return env
 
-    pre = lambda text: f"<pre>{e(text)}</pre>"  # noqa: E731
-    parts = [
-        "<!doctype html><html lang='zh'><head><meta charset='utf-8'>",
-        f"<title>{e(r['title'])}</title><style>body{{font:14px system-ui,sans-serif;max-width:1200px;margin:2em auto;"
-        "padding:0 1em}table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:4px 8px;"
-        "vertical-align:top;text-align:left}pre{white-space:pre-wrap;margin:0;max-width:380px}"
-        ".pass{color:#070}.fail{color:#b00}</style></head><body>",
-        f"<h1>{e(r['title'])}</h1>",
-        f"<p>Verify: <b class='{'pass' if r['verify_passed'] else 'fail'}'>"
-        f"{'PASSED' if r['verify_passed'] else 'FAILED'}</b>. Dataset {e(r['dataset']['name'])} (sha256 "
-        f"<code>{e(str(r['dataset']['sha256']))}</code>), {r['dataset']['train_rows']} training rows, "
-        f"{r['dataset']['eval_rows']} held out. Greedy decoding, seed {r['decoding']['seed']}.</p>",
-        f"<p>{commits_sentence(r['hub_commits'], lambda t: f'<code>{e(t)}</code>')}</p>" if r.get("hub_commits") else "",
-        "<img id='loss-curve' alt='training and held-out loss' src='data:image/png;base64,"
-        + base64.b64encode(png).decode() + "'>",
-        f"<h2>Held-out loss ({r['eval_rows_for_loss']} rows)</h2>",
-        table(["", "before", "after"], [["loss", _fmt(t["eval_loss_start"]), _fmt(t["eval_loss_end"])],
-                                        ["perplexity", _fmt(t["perplexity_start"], 2), _fmt(t["perplexity_end"], 2)]]),
-        "<h2>Probe question: base, fine-tuned and GGUF side by side</h2>",
-        table(["question", "base", "fine-tuned", "GGUF Q8_0"],
-              [[e(p["question"]), pre(p["base"]), pre(p["fine_tuned"]), pre(p["gguf"])] for p in r["probe"]],
-              row_class="probe-row"),
-        "<h2>Format adherence on held-out questions</h2>",
-        table(["model", "questions", "closed reasoning and stopped on EOS", "mean answer tokens"],
-              [[e(n), a["n"], _fmt(a["share_closed_and_stopped"], 2), _fmt(a["mean_answer_tokens"], 1)]
-               for n, a in r["adherence"].items()]),
-        f"<h2>GGUF fidelity ({f['texts']} held-out texts, {f['positions']} token positions, teacher-forced)</h2>",
-        table(["GGUF", "top-1 agreement with merged model", "mean |Δlogit| vs F16", "max |Δlogit| vs F16"],
-              [[q, _fmt(x["top1_agreement_with_merged"], 4), _fmt(x.get("mean_abs_dlogit_vs_F16")),
-                _fmt(x.get("max_abs_dlogit_vs_F16"))] for q, x in f["per_gguf"].items()]),
-        "<h2>Verify checks</h2>",
-        table(["check", "result", "detail"], [[e(c["check"]), {True: "PASS", False: "FAIL", None: "SKIP"}[c["passed"]],
-                                              e(c["detail"])] for c in r["verify_checks"]]),
-        "<h2>GGUF files</h2>",
-        table(["type", "bytes", "sha256"], [[q, i["bytes"], f"<code>{i['sha256']}</code>"] for q, i in r["ggufs"].items()]),
-        "<h2>Settings and versions</h2>",
-        pre(json.dumps({"settings": r["settings"], "versions": r["versions"]}, ensure_ascii=False, indent=1)),
-        # Says, once the page has loaded, how many images decoded: a headless browser can read it from the DOM.
-        "<script>addEventListener('load',()=>{document.body.dataset.imagesLoaded=[...document.images]"
-        ".filter(i=>i.complete&&i.naturalWidth>0).length})</script>",
-        "</body></html>",
-    ]
-    return "".join(parts)
+
+def render(report: dict, fmt: str, png: bytes, image_name: str = "loss.png") -> str:
+    """The report as Markdown (`fmt="md"`, the loss curve beside it as `image_name`) or as one self-contained HTML
+    page (`fmt="html"`, the curve inline as a data URI)."""
+    from markupsafe import Markup, escape
+
+    if fmt == "html":
+        commits = Markup(commits_sentence(report.get("hub_commits") or {}, lambda t: f"<code>{escape(t)}</code>"))
+    else:
+        commits = commits_sentence(report.get("hub_commits") or {})
+    context = {"r": report, "commits": commits, "image_name": image_name,
+               "png_base64": base64.b64encode(png).decode() if fmt == "html" else "",
+               "settings_json": json.dumps({"settings": report["settings"], "versions": report["versions"]},
+                                           ensure_ascii=False, indent=1)}
+    return _environment().get_template(f"report.{fmt}.j2").render(context)
 
 
 def run_report_stage(settings: Settings) -> dict:
@@ -258,6 +134,6 @@ def run_report_stage(settings: Settings) -> dict:
     with atomic_path(out / "loss.png") as tmp:
         tmp.write_bytes(png)
     write_json_atomic(out / "report.json", report)
-    write_text_atomic(out / "report.md", render_markdown(report, "loss.png"))
-    write_text_atomic(out / "report.html", render_html(report, png))
+    write_text_atomic(out / "report.md", render(report, "md", png, "loss.png"))
+    write_text_atomic(out / "report.html", render(report, "html", png))
     return report

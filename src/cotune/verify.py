@@ -30,8 +30,10 @@ def check_gguf_file(path: Path) -> None:
                         "by `make export`")
 
 
-def load_gguf(path: Path, n_ctx: int, *, gpu: bool = True, threads: int | None = None, n_batch: int = 512):
-    """(llama, on_gpu): every layer on the GPU where this llama-cpp-python build offloads and `gpu` allows."""
+def load_gguf(path: Path, n_ctx: int, *, gpu: bool = True, threads: int | None = None, n_batch: int = 512,
+              logits_all: bool = False):
+    """(llama, on_gpu): every layer on the GPU where this llama-cpp-python build offloads and `gpu` allows;
+    `logits_all` keeps every position's logits (the report's teacher-forced fidelity reads them)."""
     import llama_cpp
 
     gpu = gpu and bool(llama_cpp.llama_supports_gpu_offload())
@@ -39,7 +41,8 @@ def load_gguf(path: Path, n_ctx: int, *, gpu: bool = True, threads: int | None =
     try:
         with quiet_native_stderr():
             llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=-1 if gpu else 0, seed=3407,
-                                  verbose=False, n_threads=threads, n_threads_batch=threads, n_batch=n_batch)
+                                  verbose=False, n_threads=threads, n_threads_batch=threads, n_batch=n_batch,
+                                  logits_all=logits_all)
     except (ValueError, RuntimeError) as err:
         raise UserError(f"GGUF={path}: llama.cpp can't load it ({err}); the file is truncated or corrupt, export "
                         "it again") from None

@@ -1,0 +1,92 @@
+"""What the report measures, apart from how it shows it: the GGUF's own answers, its teacher-forced fidelity to the
+merged model, and how often answers keep the trained format. Every figure says how many samples it rests on."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .verify import answer_greedy, context_needed, load_gguf
+
+FP32_BYTES = 4  # the merged model is loaded in fp32 on the CPU: the reference the GGUFs are compared against
+
+
+def gguf_answers(gguf: Path, prompts: list[tuple[str, str, str]], max_tokens: int, close_tag: str) -> list[dict]:
+    """The GGUF answers each (kind, question, prompt), greedy, loaded as verify loads it."""
+    n_ctx, _ = context_needed(gguf, [prompt for _, _, prompt in prompts], max_tokens)
+    llm, _ = load_gguf(gguf, n_ctx=n_ctx)
+    out = []
+    try:
+        for kind, question, prompt in prompts:
+            reply = answer_greedy(llm, prompt, max_tokens)
+            out.append({"kind": kind, "question": question, "answer": reply["text"],
+                        "completion_tokens": reply["completion_tokens"],
+                        "stopped_on_eos": reply["finish_reason"] == "stop",
+                        "closed_reasoning": close_tag in reply["text"]})
+    finally:
+        llm.close()
+    return out
+
+
+def merged_logits(merged: Path, ids: list[list[int]]) -> list:
+    """The merged model's logits at every position of each text, in fp32 on the CPU, after checking it fits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .models import preflight_memory
+
+    preflight_memory(merged, FP32_BYTES, "the report's fidelity check (the merged model in fp32)",
+                     remedy="run `make report` on a machine with more RAM, where the run folder's export is")
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, use_safetensors=True).eval()
+    with torch.no_grad():
+        logits = [model(torch.tensor([i])).logits[0].float().numpy() for i in ids]
+    del model
+    return logits
+
+
+def gguf_logits(gguf: Path, ids: list[list[int]]) -> list:
+    """A GGUF's logits at every position of each text, on the CPU, loaded through verify's loader."""
+    import numpy as np
+
+    llm, _ = load_gguf(gguf, n_ctx=max(len(i) for i in ids) + 8, gpu=False, logits_all=True)
+    rows = []
+    try:
+        for i in ids:
+            llm.reset()
+            llm.eval(i)
+            rows.append(np.array(llm.scores[: len(i)], dtype=np.float32))
+    finally:
+        llm.close()
+    return rows
+
+
+def logit_fidelity(merged: Path, ggufs: dict[str, Path], texts: list[str]) -> dict:
+    """Teacher-forced on the same token ids: top-1 agreement of each GGUF with the merged model, and |Δlogit|
+    against the F16 GGUF (the converter's full-precision output)."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    hf = merged_logits(merged, ids)
+    per_gguf = {quant: gguf_logits(path, ids) for quant, path in ggufs.items()}
+    positions = sum(len(i) for i in ids)
+    result = {"texts": len(texts), "positions": positions, "per_gguf": {}}
+    for quant, rows in per_gguf.items():
+        vocab = min(rows[0].shape[1], hf[0].shape[1])
+        agree = sum(int((h[:, :vocab].argmax(-1) == g[:, :vocab].argmax(-1)).sum()) for h, g in zip(hf, rows))
+        entry = {"top1_agreement_with_merged": agree / positions}
+        if "F16" in per_gguf and quant != "F16":
+            deltas = np.concatenate([np.abs(g[:, :vocab] - r[:, :vocab]).ravel()
+                                     for g, r in zip(rows, per_gguf["F16"])])
+            entry.update({"mean_abs_dlogit_vs_F16": float(deltas.mean()), "max_abs_dlogit_vs_F16": float(deltas.max())})
+        result["per_gguf"][quant] = entry
+    return result
+
+
+def adherence(answers: list[dict], limit: int) -> dict:
+    """On the held-out questions: the share of answers that closed their reasoning and stopped on EOS within the
+    token limit, and their mean length."""
+    held = [a for a in answers if a.get("kind", "probe") == "held_out"] or answers
+    n = len(held)
+    ok = sum(1 for a in held if a["closed_reasoning"] and a["stopped_on_eos"] and a["completion_tokens"] < limit)
+    return {"n": n, "share_closed_and_stopped": ok / n if n else None,
+            "mean_answer_tokens": sum(a["completion_tokens"] for a in held) / n if n else None}
