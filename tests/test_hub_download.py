@@ -89,6 +89,21 @@ def test_served_repos_are_laid_out_like_the_reference_ones(served):
     assert all(list(r) == ["Question", "Complex_CoT", "Response"] for r in rows)
 
 
+def run_chain(run: Path, env: dict, settings: dict, stages: tuple, timings: dict) -> tuple:
+    """`make export` into `run`, then each of `stages` (a script and its arguments) on that run folder, each timed
+    into `timings` under the folder's name. Returns make's process and {the stage's last word: its process}."""
+    t0 = time.monotonic()
+    made = make("export", run, env, settings)
+    timings[f"{run.name} make export"] = time.monotonic() - t0
+    args = [*settings_args(settings), "--run-dir", str(run)]
+    procs = {}
+    for stage in stages:
+        t0 = time.monotonic()
+        procs[stage[-1]] = run_script(*stage, *args, env=env)
+        timings[f"{run.name} {stage[-1]}"] = time.monotonic() - t0
+    return made, procs
+
+
 @pytest.fixture(scope="module")
 def runs(served, tmp_path_factory):
     """The reference recipe's loading path, cut short, online through the local Hub and then offline from the cache
@@ -101,30 +116,15 @@ def runs(served, tmp_path_factory):
         out["dataset_commit"] = hub.serve("dataset", DATASET, fortune_dataset_files(served["rows"]))
         out["model_commit"] = hub.serve("model", MODEL, served["model"], gated=True)
         env = hub_env(root, hub.base)
-        online = root / "online"
-        t0 = time.monotonic()
-        out["online_make"] = make("export", online, env, settings)
-        out["timings"]["online make export"] = time.monotonic() - t0
-        args = [*settings_args(settings), "--run-dir", str(online)]
-        out["online"] = {}
-        for stage in (("verify",), ("ask", "baseline"), ("ask", "after"), ("report",)):
-            t0 = time.monotonic()
-            out["online"][stage[-1]] = run_script(*stage, *args, env=env)
-            out["timings"][f"online {stage[-1]}"] = time.monotonic() - t0
+        out["online_make"], out["online"] = run_chain(
+            root / "online", env, settings, (("verify",), ("ask", "baseline"), ("ask", "after"), ("report",)),
+            out["timings"])
         out["auth_log"] = list(hub.auth_log)
         out["env"] = env
     # The server is gone: anything that still tried the network would be refused.
     env = {**env, "HF_HUB_OFFLINE": "1"}
-    offline = root / "offline"
-    t0 = time.monotonic()
-    out["offline_make"] = make("export", offline, env, settings)
-    out["timings"]["offline make export"] = time.monotonic() - t0
-    args = [*settings_args(settings), "--run-dir", str(offline)]
-    out["offline"] = {}
-    for stage in (("verify",), ("ask", "baseline"), ("ask", "after")):
-        t0 = time.monotonic()
-        out["offline"][stage[-1]] = run_script(*stage, *args, env=env)
-        out["timings"][f"offline {stage[-1]}"] = time.monotonic() - t0
+    out["offline_make"], out["offline"] = run_chain(
+        root / "offline", env, settings, (("verify",), ("ask", "baseline"), ("ask", "after")), out["timings"])
     print("timings (s):", {k: round(v, 1) for k, v in out["timings"].items()})
     return out
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
@@ -101,17 +102,85 @@ def commits_for_record(stage_dir: Path) -> dict:
     return {role: info for role, info in used.items() if info}
 
 
-def _root_cause(err: BaseException) -> BaseException:
-    """The Hub or network error inside what datasets or transformers wrapped around it."""
+# The kinds of a Hub HTTP error (HfHubHTTPError) that classify_hub_error names; "refused" is a 401 or 403 of no
+# more particular kind.
+HTTP_KINDS = frozenset({"gated", "no_revision", "no_repo", "no_file", "refused", "http_error"})
+
+
+@dataclass(frozen=True)
+class HubError:
+    """What kind of failure of the Hub client an exception is: `kind` ("invalid_id", "offline", "timeout",
+    "unreachable", one of HTTP_KINDS, or None for anything else), the exception of its cause chain that says so, and
+    that exception's HTTP status where it has one."""
+
+    kind: str | None
+    error: BaseException
+    status: int | None = None
+
+
+def _kind(err: BaseException) -> str | None:
+    """The kind of this one exception, its causes left aside. The order matters: GatedRepoError is a
+    RepositoryNotFoundError, and these are HfHubHTTPErrors; OfflineModeIsEnabled is a ConnectionError."""
     import httpx
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled,
+                                        RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+
+    if isinstance(err, HFValidationError):
+        return "invalid_id"
+    if isinstance(err, OfflineModeIsEnabled):
+        return "offline"
+    if isinstance(err, httpx.TimeoutException):
+        return "timeout"
+    if isinstance(err, httpx.TransportError):  # DNS, refused, reset, a proxy's refusal, a URL without http://
+        return "unreachable"
+    if isinstance(err, GatedRepoError):
+        return "gated"
+    if isinstance(err, RevisionNotFoundError):
+        return "no_revision"
+    if isinstance(err, RepositoryNotFoundError):
+        return "no_repo"
+    if isinstance(err, RemoteEntryNotFoundError):
+        return "no_file"
+    if isinstance(err, HfHubHTTPError):
+        return "refused" if _status(err) in (401, 403) else "http_error"
+    if isinstance(err, ConnectionError):
+        return "unreachable"
+    return None
+
+
+def _status(err: BaseException) -> int | None:
+    return getattr(getattr(err, "response", None), "status_code", None)
+
+
+def classify_hub_error(err: BaseException, explicit_causes_only: bool = False) -> HubError:
+    """What kind of Hub client failure `err` is, from one walk down its cause chain.
+
+    By default (downloads: datasets and transformers wrap the client's errors, some without `from`) the walk follows
+    __cause__, else __context__, and the first Hub HTTP error or httpx error on it decides (of kind None where it is
+    an httpx error of another sort); with none, `err` itself decides, as an invalid id, offline, or None.
+    With explicit_causes_only (the client's own calls: it wraps a failed LFS upload as RuntimeError(...) from the
+    network error) the walk follows __cause__ only, so that a bug raised while handling a network error stays a bug,
+    and the first exception of a known kind decides; with none, kind None."""
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     seen = err
     while seen is not None:
-        if isinstance(seen, (HfHubHTTPError, httpx.HTTPError)):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return err
+        kind = _kind(seen)
+        if explicit_causes_only:
+            if kind is not None:
+                return HubError(kind, seen, _status(seen))
+            seen = seen.__cause__
+        else:
+            if isinstance(seen, (HfHubHTTPError, httpx.HTTPError)):
+                return HubError(kind, seen, _status(seen))
+            seen = seen.__cause__ or seen.__context__
+    if explicit_causes_only:
+        return HubError(None, err, _status(err))
+    # A download's own LocalEntryNotFoundError (the cache lacks a file, and no network error said why) is "offline";
+    # a ConnectionError of the wrapping library's own (not the client's OfflineModeIsEnabled) is left to the caller.
+    kind = "offline" if isinstance(err, LocalEntryNotFoundError) else _kind(err)
+    return HubError(kind if kind in ("invalid_id", "offline") else None, err, _status(err))
 
 
 def _connect_reason(err: BaseException) -> str:
@@ -128,54 +197,50 @@ def _connect_reason(err: BaseException) -> str:
 
 def hub_failure(err: BaseException, kind: str, repo_id: str, revision: str, token: str) -> UserError:
     """One line for a failed Hub call: what failed, for which setting, and what to change."""
-    import httpx
     from huggingface_hub import constants
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
-                                        OfflineModeIsEnabled, RemoteEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
 
     setting, revision_setting, instead = KINDS[kind]
     where = f"{setting}={repo_id!r}"
     url = endpoint()
     page = f"{url}/{'datasets/' if kind == 'dataset' else ''}{repo_id}"
-    cause = _root_cause(err)
-    status = getattr(getattr(cause, "response", None), "status_code", None)
+    failure = classify_hub_error(err)
+    cause, status = failure.error, failure.status
     offline_hint = "or set HF_HUB_OFFLINE=1 where the Hugging Face cache already holds it"
-    if isinstance(cause, HFValidationError):
+    if failure.kind == "invalid_id":
         return UserError(f"{where}: not a local {instead.split()[-1]} and not a hub id like user/name ({cause})")
-    if isinstance(cause, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
+    if failure.kind == "offline":
         return UserError(f"{where}: not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it; "
                          f"fetch it once online, or give {instead}")
-    if isinstance(cause, httpx.TimeoutException):
+    if failure.kind == "timeout":
         return UserError(f"{where}: the Hub at {url} did not answer within {constants.HF_HUB_ETAG_TIMEOUT} s "
                          f"(HF_HUB_ETAG_TIMEOUT); check the network or HF_ENDPOINT, {offline_hint}")
-    if isinstance(cause, httpx.TransportError):  # DNS, refused, reset, a proxy's refusal, a URL without http://
+    if failure.kind == "unreachable":
         return UserError(f"{where}: not a local {instead.split()[-1]}, and the Hub is unreachable at {url} "
                          f"({_connect_reason(cause)}); check the network or HF_ENDPOINT, {offline_hint}, or give "
                          f"{instead}")
-    if isinstance(cause, GatedRepoError):
+    if failure.kind == "gated":
         if not token:
             return UserError(f"{where}: a gated repo, and HF_TOKEN is not set; put HF_TOKEN=hf_... in .env or the "
                              f"environment, the token of an account that accepted its conditions at {page}")
         return UserError(f"{where}: a gated repo, and the account of HF_TOKEN has no access ({status}); accept its "
                          f"conditions at {page}")
-    if isinstance(cause, RevisionNotFoundError):
+    if failure.kind == "no_revision":
         return UserError(f"{revision_setting}={revision!r}: {repo_id} has no such branch, tag or commit on {url}; "
                          f"give one it has ({revision_setting}=main for its main branch)")
-    if isinstance(cause, RepositoryNotFoundError):
+    if failure.kind == "no_repo":
         private = "HF_TOKEN is not set" if not token else "HF_TOKEN has no access to it"
         return UserError(f"{where}: no such {kind} repo on the Hub at {url} (or it is private and {private}); "
                          "check the name")
-    if isinstance(cause, RemoteEntryNotFoundError):
+    if failure.kind == "no_file":
         return UserError(f"{where}: a file is missing from it at {revision} ({str(cause).splitlines()[-1]}); the repo "
                          f"is incomplete or not a {kind} repo")
-    if isinstance(cause, HfHubHTTPError) and status == 401:
+    if failure.kind == "refused" and status == 401:
         return UserError(f"{where}: the Hub refused HF_TOKEN (401); check that the token in .env or the environment "
                          "is valid")
-    if isinstance(cause, HfHubHTTPError) and status is not None and status >= 500:
+    if failure.kind == "http_error" and status is not None and status >= 500:
         return UserError(f"{where}: the Hub at {url} failed with HTTP {status} (a server error, not your settings); "
                          f"try again later, {offline_hint}")
-    if isinstance(cause, HfHubHTTPError):
+    if failure.kind in ("refused", "http_error"):
         return UserError(f"{where}: the Hub at {url} refused the request (HTTP {status}); check the name and "
                          f"{revision_setting}")
     if isinstance(cause, OSError):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .files import sha256_file, write_json_atomic, write_text_atomic
-from .hubrepo import commits_sentence
+from .hubrepo import HTTP_KINDS, classify_hub_error, commits_sentence
 from .prompts import PromptTemplate
 from .settings import EMBEDDED_MODEL, Settings, hub_id_problem
 
@@ -152,33 +152,29 @@ def describe(item: bytes | Path) -> tuple[int, str]:
 def network_failure(err: BaseException, settings: Settings) -> str | None:
     """One line for a failure to talk to the Hub, or None for anything else, which is a bug and keeps its
     traceback."""
-    import httpx
     from huggingface_hub import constants
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 
     repo, where = settings.hub_repo_id, constants.ENDPOINT
     again = "run `make push` again; files already uploaded are not sent twice"
-    seen = err
-    while seen is not None:
-        reason = (str(seen).strip().splitlines() or [""])[0][:200]
-        if isinstance(seen, HFValidationError):
-            return f"HUB_REPO_ID={repo!r}: the Hub client refuses it ({reason})"
-        if isinstance(seen, OfflineModeIsEnabled):
-            return f"pushing to {repo} needs the network, and HF_HUB_OFFLINE=1 forbids it; unset HF_HUB_OFFLINE to push"
-        if isinstance(seen, HfHubHTTPError):
-            status = getattr(seen.response, "status_code", None)
-            if status in (401, 403):
-                return (f"the Hub refused HF_TOKEN ({status}): check that the token is valid and may write to "
-                        f"{repo}")
-            return f"pushing to {repo} failed ({status}: the Hub at {where} answered with an error); {again}"
-        if isinstance(seen, httpx.TimeoutException):
-            return (f"pushing to {repo} failed: the Hub at {where} did not answer within HUB_TIMEOUT="
-                    f"{settings.hub_timeout:g} s ({type(seen).__name__}); check the network or raise HUB_TIMEOUT, "
-                    f"then {again}")
-        if isinstance(seen, (httpx.TransportError, ConnectionError)):
-            return (f"pushing to {repo} failed: the Hub at {where} can't be reached ({type(seen).__name__}: {reason}); "
-                    f"check the network, proxy and HF_ENDPOINT, then {again}")
-        seen = seen.__cause__  # the client wraps a failed LFS upload: RuntimeError(...) from the network error
+    # only __cause__ is followed: the client wraps a failed LFS upload as RuntimeError(...) from the network error
+    failure = classify_hub_error(err, explicit_causes_only=True)
+    reason = (str(failure.error).strip().splitlines() or [""])[0][:200]
+    if failure.kind == "invalid_id":
+        return f"HUB_REPO_ID={repo!r}: the Hub client refuses it ({reason})"
+    if failure.kind == "offline":
+        return f"pushing to {repo} needs the network, and HF_HUB_OFFLINE=1 forbids it; unset HF_HUB_OFFLINE to push"
+    if failure.kind in HTTP_KINDS:
+        if failure.status in (401, 403):
+            return (f"the Hub refused HF_TOKEN ({failure.status}): check that the token is valid and may write to "
+                    f"{repo}")
+        return f"pushing to {repo} failed ({failure.status}: the Hub at {where} answered with an error); {again}"
+    if failure.kind == "timeout":
+        return (f"pushing to {repo} failed: the Hub at {where} did not answer within HUB_TIMEOUT="
+                f"{settings.hub_timeout:g} s ({type(failure.error).__name__}); check the network or raise "
+                f"HUB_TIMEOUT, then {again}")
+    if failure.kind == "unreachable":
+        return (f"pushing to {repo} failed: the Hub at {where} can't be reached ({type(failure.error).__name__}: "
+                f"{reason}); check the network, proxy and HF_ENDPOINT, then {again}")
     return None
 
 
