@@ -29,9 +29,11 @@ def push(demo_run, run, env, *args):
 
 @pytest.fixture
 def run_copy(demo_run, tmp_path):
+    """The demo run's folder as push reads it; not the merged weights (half a GB a copy), which push never reads."""
     run = tmp_path / "run"
     for stage in ("data", "train", "export", "verify", "report"):
-        shutil.copytree(demo_run["run"] / stage, run / stage, ignore=shutil.ignore_patterns("checkpoints", ".lock"))
+        shutil.copytree(demo_run["run"] / stage, run / stage,
+                        ignore=shutil.ignore_patterns("checkpoints", ".lock", "merged"))
     return run
 
 
