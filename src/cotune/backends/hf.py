@@ -53,8 +53,7 @@ class PlainStack(Stack):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                             bias=settings.lora_bias, target_modules=list(settings.target_modules),
-                            use_rslora=settings.use_rslora, task_type="CAUSAL_LM",
-                            init_lora_weights="loftq" if settings.use_loftq else True)
+                            use_rslora=settings.use_rslora, task_type="CAUSAL_LM")  # USE_LOFTQ is refused
         try:
             model = get_peft_model(model, config)
         except ValueError as err:
