@@ -251,3 +251,19 @@ def test_no_secret_in_the_image_or_the_run(demo_in_docker):
     leaked = [p for p in demo_in_docker["run"].rglob("*") if p.is_file() and PLANTED_TOKEN.encode() in p.read_bytes()]
     assert not leaked, leaked
     assert PLANTED_TOKEN not in demo_in_docker["demo"].stdout + demo_in_docker["demo"].stderr
+
+
+def test_training_on_two_processes_runs_in_one_container(demo_in_docker):
+    """`make train NPROC_PER_NODE=2 RUN_IN=docker`: torchrun inside the one training container (shared memory through
+    --ipc=host), two gloo processes, one set of outputs written by rank 0."""
+    run_dir = demo_in_docker["project"] / "artifacts" / "two"
+    proc = run(*demo_in_docker["make"], "train", "PRESET=demo", "RUN_DIR=artifacts/two", "NPROC_PER_NODE=2",
+               "MAX_STEPS=2", "WARMUP_STEPS=1", "SAVE_STEPS=2", env=demo_in_docker["env"], timeout=1200)
+    log = proc.stdout + proc.stderr
+    assert "--label cotune.stage=train " in log and "--ipc=host" in log, log[-3000:]
+    summary = json.loads((run_dir / "train" / "run.json").read_text())["summary"]
+    assert summary["global_step"] == 2, summary
+    assert summary["processes"]["world_size"] == 2 and summary["processes"]["backend"] == "gloo", summary["processes"]
+    assert (run_dir / "train" / "adapter" / "adapter_config.json").is_file()
+    owners = {p.stat().st_uid for p in run_dir.rglob("*")}
+    assert owners == {demo_in_docker["uid"]}, owners
