@@ -162,7 +162,7 @@ endif
 
 # The demo runs on the host unless RUN_IN says otherwise (RUN_IN=docker: every stage in the image).
 DEMO_RUN := artifacts/demo
-demo: ## run every stage on the embedded model and the sample data (CPU, about 5 minutes)
+demo: ## run every stage on the embedded model and the sample data (CPU, about 4.5 minutes)
 	@mkdir -p $(DEMO_RUN)
 	@$(MAKE) all RUN_IN=$(or $(RUN_IN),host) PRESET=demo RUN_DIR=$(DEMO_RUN) 2>&1 | tee $(DEMO_RUN)/demo.log
 	@echo "--- time per stage ---"; grep -E '^\[[a-z]+\] done in' $(DEMO_RUN)/demo.log || echo "(every stage was up to date)"
@@ -189,7 +189,7 @@ test-deps:
 test: $(SETUP_STAMP) test-deps ## the whole test suite, what CI runs (CPU; GPU tests skip with their reason)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
-test-fast: $(SETUP_STAMP) ## the unit level while you work: no training, no image (about a minute)
+test-fast: $(SETUP_STAMP) ## the unit level while you work: no training, no image (about 2 minutes)
 	$(PYTHON) -m pytest -m "not slow and not docker and not network" $(PYTEST_ARGS)
 
 image: ## build the image: FLAVOR=cuda (default, GPU servers) or cpu; WHEELS=DIR, CA_BUNDLE=FILE (see README)
