@@ -23,8 +23,7 @@ def test_the_settings_choices_are_the_registry_keys():
 
     assert FIELDS["backend"].metadata["choices"] == ("auto", *STACKS)
     assert list(STACKS) == ["unsloth", "hf"], "auto's order of preference: the reference stack first"
-    for name, stack in STACKS.items():
-        assert stack.name == name and stack.label
+    assert all(stack.label for stack in STACKS.values()), "every backend names itself in WARNINGs"
 
 
 def test_auto_without_a_gpu_takes_the_plain_stack_and_says_why(capsys):
@@ -54,7 +53,6 @@ from cotune.backends.hf import PlainStack
 
 class EagerStack(PlainStack):
     """The plain stack with transformers' eager attention: a backend of its own."""
-    name = "hf-eager"
     label = "transformers (eager attention) + peft + trl"
 
     def load_for_training(self, settings, backend, model_path, **kwargs):

@@ -13,7 +13,6 @@ if TYPE_CHECKING:
 class Stack:
     """One way to load, train and ask a model. A new backend subclasses this in its own module of this package and
     adds one row to `STACKS` in `__init__.py`; BACKEND's choices are that table's keys."""
-    name = ""
     label = ""                    # how WARNINGs and errors name it
     # how a step's sequences are split over processes (distributed.SPLITS): the plain stack pads each micro-batch
     # to its longest row, which transformers' batch_rebalance prices

@@ -27,11 +27,7 @@ def load_hf_model(model_path: Path, backend: Backend, device_index: int = 0):
 
 
 class PlainStack(Stack):
-    name = "hf"
-    label = "transformers + peft + trl"
-
-    def unavailable(self, cuda: bool) -> str | None:
-        return None  # runs wherever torch does
+    label = "transformers + peft + trl"  # runs wherever torch does: Stack.unavailable's None
 
     def load_for_training(self, settings, backend, model_path, *, kbit_upcast, device_index):
         """On a 4-bit base the other weights stay in the compute dtype, as trl's own QLoRA path does; `kbit_upcast`

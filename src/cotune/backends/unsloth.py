@@ -14,7 +14,6 @@ OFFLOAD_EMBEDDING = {"auto": "auto", "true": True, "false": False}  # Unsloth's 
 
 
 class UnslothStack(Stack):
-    name = "unsloth"
     label = "Unsloth"
     split = "tokens"  # padding-free micro-batches: their work grows with tokens
     asks_in_one_batch = False  # Unsloth's fast generation asks one question at a time
