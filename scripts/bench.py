@@ -10,6 +10,10 @@ stack on a tiny model on the CPU in seconds, to prove the harness.
 for each way of splitting a step between the processes: RUN_DIR/bench/ddp.json and ddp.md. A default run on a
 machine with 2 or more GPUs does this after the single-GPU configurations; `--smoke --ddp` runs it on 2 CPU processes.
 
+`--capacity` finds, for cotune and the plain stack, the longest single sequence that trains a few steps under each
+memory limit (`--limits 24,80` GiB; on a CPU `--smoke` the limit is address space beyond the loaded model), by
+bisection in one process, each result confirmed in a fresh one: RUN_DIR/bench/capacity.json and capacity.md.
+
 `--gguf FILE` instead times prompt processing and decoding of a GGUF through llama-cpp-python (on the GPU when the
 build offloads, else on the CPU; `--cpu` forces the CPU): RUN_DIR/bench/decode-<name>.json.
 """
@@ -32,6 +36,16 @@ def main(argv=None):
     parser.add_argument("--ddp", action="store_true", help="only the 1-vs-N processes comparison (DDP)")
     parser.add_argument("--ddp-budget", type=float, default=0,
                         help="with --ddp: seconds per run (1 and N processes) after which no new plan starts [none]")
+    parser.add_argument("--capacity", action="store_true",
+                        help="only the capacity search: the longest single sequence each stack trains under each limit")
+    parser.add_argument("--limits", default="24,80", help="with --capacity: memory limits in GiB [24,80]")
+    parser.add_argument("--cap", type=int, default=131072, help="with --capacity: longest length searched [131072]")
+    parser.add_argument("--start", type=int, default=8192, help="with --capacity: first length tried [8192]")
+    parser.add_argument("--granularity", type=int, default=4096, help="with --capacity: search step [4096]")
+    parser.add_argument("--rope", default="yarn:4:32768",
+                        help="with --capacity: ROPE_SCALING [yarn:4:32768, Qwen3's documented long-context setting]")
+    parser.add_argument("--lengths", action="append", default=[], metavar="CONFIG=N[,N]",
+                        help="with --capacity: try these lengths for CONFIG instead of searching (repeatable)")
     parser.add_argument("--run-dir", type=Path, default=Path("artifacts"))
     parser.add_argument("--gguf", type=Path, default=None, help="time prompt processing and decoding of this GGUF")
     parser.add_argument("--cpu", action="store_true", help="with --gguf: decode on the CPU even where a GPU offloads")
@@ -43,7 +57,7 @@ def main(argv=None):
 
     import torch
 
-    from cotune.bench import CONFIGS, DEFAULT_CONFIGS, ddp_comparison, run_all
+    from cotune.bench import CAPACITY_CONFIGS, CONFIGS, DEFAULT_CONFIGS, capacity, capacity_table, ddp_comparison, run_all
     from cotune.distributed import visible_gpus
     from cotune.models import resolve_model_path
     from cotune.randmodel import build
@@ -52,10 +66,12 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         raise UserError("no CUDA GPU: the benchmark measures GPU training; use --smoke on a CPU")
-    configs = args.configs.split(",") if args.configs else (["plain-reference"] if args.smoke else list(DEFAULT_CONFIGS))
-    unknown = [c for c in configs if c not in CONFIGS]
+    table = CAPACITY_CONFIGS if args.capacity else CONFIGS
+    configs = args.configs.split(",") if args.configs else (
+        list(CAPACITY_CONFIGS) if args.capacity else ["plain-reference"] if args.smoke else list(DEFAULT_CONFIGS))
+    unknown = [c for c in configs if c not in table]
     if unknown:
-        raise UserError(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
+        raise UserError(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(table)}")
     out = args.run_dir / "bench"
     model = args.model
     if model is None:
@@ -63,6 +79,13 @@ def main(argv=None):
         model = out / f"model-{shape}-random"
         if not (model / "config.json").is_file():
             build(shape, args.tokenizer or resolve_model_path(EMBEDDED_MODEL), model)
+    if args.capacity:
+        lengths = dict(item.split("=", 1) for item in args.lengths)
+        results = capacity(model, out, configs, [float(v) for v in args.limits.split(",")], cap=args.cap,
+                           start=args.start, granularity=args.granularity, rope=args.rope, cuda=cuda,
+                           lengths=lengths)
+        print(capacity_table(results))
+        return
     steps, warmup = args.steps or (4 if args.smoke else 20), args.warmup if args.warmup is not None else (1 if args.smoke else 3)
     rows, max_len, median = (32, 128, 64) if args.smoke else (400, 2048, 700)
     if not args.ddp:

@@ -1,6 +1,8 @@
 """The benchmark harness, in its CPU smoke mode: real processes, a real (tiny, random) model, real training steps."""
 import json
 
+import pytest
+
 from conftest import run_script, script_env
 
 
@@ -70,3 +72,39 @@ def test_the_benchmark_configures_trl_as_the_training_stage_does_but_for_its_nam
     assert {k: bench[k] for k in BENCH_OVERRIDES} == {k: getattr(v, "value", v) for k, v in BENCH_OVERRIDES.items()}
     with pytest.raises(TypeError, match="lr_schedular"):
         sft_config(settings, backend, layout, "random", tmp_path, eval_on_start=False, lr_schedular="constant")
+
+
+def test_the_capacity_search_doubles_then_halves_the_gap():
+    from cotune.bench import next_length
+
+    tried = {}
+    order = []
+    fits = lambda n: n <= 5000  # noqa: E731  -- a stack that trains up to 5,000 tokens
+    while (n := next_length(tried, 1024, 65536, 512)) is not None:
+        order.append(n)
+        tried[n] = fits(n)
+    assert order == [1024, 2048, 4096, 8192, 6144, 5120, 4608]
+    assert max(k for k, ok in tried.items() if ok) == 4608  # within 512 of the true 5,000
+    tried = {}
+    while (n := next_length(tried, 1024, 4096, 512)) is not None:  # everything fits: stops at the cap
+        tried[n] = True
+    assert sorted(tried) == [1024, 2048, 4096]
+
+
+@pytest.mark.slow
+def test_capacity_search_on_the_tiny_model_finds_and_confirms_a_length(tmp_path):
+    """The capacity mode for real on the CPU: the tiny random model trains one sequence per step under a limit of
+    address space beyond the loaded model (RLIMIT_AS); the longest length that trained is trained again in a fresh
+    process, and the one that ran out of memory is named."""
+    proc = run_script("bench", "--smoke", "--capacity", "--configs", "plain-long", "--limits", "1.5", "--cap",
+                      "16384", "--start", "512", "--granularity", "512", "--rope", "", "--run-dir", str(tmp_path),
+                      env=script_env(tmp_path), timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (r,) = json.loads((tmp_path / "bench" / "capacity.json").read_text())
+    assert r["config"] == "plain-long" and r["limit_gib"] == 1.5
+    longest, failed = r["longest_confirmed"], r["shortest_failed"]
+    assert longest and failed and longest < failed <= longest + 2 * 512  # bracketed to the granularity
+    assert r["confirm"]["ok"] and len(r["confirm"]["step_seconds"]) == 3  # trained again, in a fresh process
+    assert any(not t["ok"] and "allocate" in t["error"] for t in r["search"])
+    table = (tmp_path / "bench" / "capacity.md").read_text()
+    assert table.startswith("Device: CPU.") and f"| plain-long | 1.5 | {longest} | {failed:,} |" in table

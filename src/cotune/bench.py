@@ -33,7 +33,12 @@ CONFIGS = {
     "unsloth-reference": ("unsloth", {"batch_size": 2, "grad_accum": 4},
                           "the reference notebook's literal settings: Unsloth QLoRA, 2 x 4"),
     "cotune-fast": ("unsloth", {"preset": "fast"},
-                    "PRESET=fast: Unsloth QLoRA, 4 x 2, input embedding in host RAM"),
+                    "PRESET=fast: Unsloth QLoRA, the batch fitted to the card (BATCH_FIT=auto), input embedding in "
+                    "host RAM"),
+    "cotune-fast-24g": ("unsloth", {"preset": "fast", "gpu_memory_limit_gib": 24},
+                        "PRESET=fast under GPU_MEMORY_LIMIT_GIB=24: the batch fitted to a 24 GiB card"),
+    "cotune-fast-4x2": ("unsloth", {"preset": "fast", "batch_fit": "off"},
+                        "PRESET=fast without the fit: Unsloth QLoRA, 4 x 2, input embedding in host RAM"),
     "unsloth-8x1": ("unsloth", {"batch_size": 8, "grad_accum": 1}, "Unsloth QLoRA, 8 x 1"),
     "unsloth-8x1-nogc": ("unsloth", {"batch_size": 8, "grad_accum": 1, "gradient_checkpointing": "false"},
                          "Unsloth QLoRA, 8 x 1, no gradient checkpointing: the speed ceiling, at a memory cost"),
@@ -128,6 +133,7 @@ def worker(args) -> dict:
     from trl import SFTTrainer
 
     from .backends import choose_backend, load_for_training
+    from .batchfit import checkpointing_layers, fit_batch, keep_recomputed, memory_budget
     from .distributed import plan
     from .models import count_parameters
     from .settings import resolve
@@ -139,17 +145,20 @@ def worker(args) -> dict:
         cli.update({"load_in_4bit": "false", "gradient_checkpointing": "false", "optim": "adamw_torch"})
     cli.update({k: str(v) for k, v in overrides.items()})
     settings = resolve(cli, environ={}, dotenv_path=Path("/nonexistent"))
-    batch, accum = settings.batch_size, settings.grad_accum
     backend = choose_backend(settings, quiet=True)
     checkpointing = backend.stack.checkpointing(settings.gradient_checkpointing)
+    budget = memory_budget(settings, backend)
     model, tokenizer = load_for_training(settings, backend, Path(args.model), kbit_upcast=kbit_upcast)
     rows = synthetic_rows(args.rows, args.max_len, args.median, min(len(tokenizer), model.config.vocab_size))
+    settings, fit, _ = fit_batch(settings, backend, model, [len(r["input_ids"]) for r in rows], budget)
+    batch, accum = settings.batch_size, settings.grad_accum
     config = sft_config(settings, backend, plan(settings, nproc_per_node=1, nnodes=1), "random",
                         Path(args.out).parent / f"ckpt-{args.config}", eval_on_start=False, **BENCH_OVERRIDES)
     steps: list[dict] = []
     Timer = step_timer(steps, args.cuda)
+    callbacks = [Timer()] + ([keep_recomputed(checkpointing_layers(model), fit["recomputed_layers"])] if fit else [])
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         callbacks=[Timer()])
+                         callbacks=callbacks)
     if args.cuda:
         torch.cuda.reset_peak_memory_stats()
         with MemorySampler() as sampler:
@@ -165,7 +174,9 @@ def worker(args) -> dict:
     result = {
         "config": args.config, "description": description, "backend": backend.name,
         "micro_batch": batch, "grad_accum": accum,
-        "gradient_checkpointing": str(checkpointing).lower(),
+        "gradient_checkpointing": str(checkpointing).lower() if fit is None else
+        f"{fit['recomputed_layers']}/{fit['layers']} layers", "batch_fit": fit,
+        "gpu_memory_limit_gib": settings.gpu_memory_limit_gib or None,
         "embedding_device": str(base_model.get_input_embeddings().weight.device.type),
         "steps_timed": len(timed), "warmup_steps_excluded": args.warmup, "steps": args.steps, "rows": args.rows,
         "max_len": args.max_len, "median": args.median, "host": platform.node(),
@@ -185,6 +196,213 @@ def worker(args) -> dict:
                        "mfu": 6 * n_params * result["real_tokens_per_s"] / peak if peak and result["real_tokens_per_s"] else None})
     Path(args.out).write_text(json.dumps(result, indent=1))
     return result
+
+
+# ------------------------------------------------------------------------------------------------- capacity mode
+# The longest single sequence (batch 1) that trains under a memory limit, per stack. cotune's is the reference
+# recipe's stack with what it offers for long rows: Unsloth's offloaded checkpointing (activations in host RAM), its
+# chunked cross-entropy (no full logits), the input embedding in host RAM.
+CAPACITY_CONFIGS = {
+    "cotune-long": ("unsloth", {"gradient_checkpointing": "unsloth", "offload_embedding": "true"},
+                    "Unsloth QLoRA, batch 1, offloaded checkpointing, input embedding in host RAM"),
+    "plain-long": ("hf", {"gradient_checkpointing": "true"},
+                   "transformers + bitsandbytes + peft + trl QLoRA as trl runs it, batch 1, gradient checkpointing"),
+}
+CAPACITY_STEPS = 3  # optimizer steps a length must train to count (the first compiles and allocates)
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """A try that ran out of memory (the GPU's allocator under its cap, or the CPU's under RLIMIT_AS)."""
+    import torch
+
+    text = str(err).lower()
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text or \
+        "can't allocate memory" in text or "not enough memory" in text
+
+
+def cpu_limit(limit_bytes: float) -> None:
+    """On the CPU (the harness's smoke test): at most `limit_bytes` of address space beyond what the process holds
+    now, through RLIMIT_AS, so that a try past it fails the way an allocation on a full card does."""
+    import resource
+
+    size = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    resource.setrlimit(resource.RLIMIT_AS, (size + int(limit_bytes), resource.RLIM_INFINITY))
+
+
+def next_length(tried: dict[int, bool], start: int, cap: int, granularity: int) -> int | None:
+    """The bisection: double from `start` until a length fails (or `cap` passes), then halve the gap between the
+    longest that passed and the shortest that failed down to `granularity`; None when the search is done."""
+    passed = [n for n, ok in tried.items() if ok]
+    failed = [n for n, ok in tried.items() if not ok]
+    lo, hi = max(passed, default=0), min(failed, default=None)
+    if hi is None:
+        if not tried:
+            return min(start, cap)
+        return None if lo >= cap else min(cap, lo * 2)
+    if hi - lo <= granularity or hi <= granularity:
+        return None
+    mid = (lo + hi) // 2 // granularity * granularity
+    return mid if lo < mid < hi else None
+
+
+def capacity_worker(args) -> None:
+    """One stack under one memory limit, in this process: load once, then train CAPACITY_STEPS steps of one row of
+    each length the search asks for (or of --lengths), recovering from a try that runs out of memory."""
+    import gc
+
+    backend_name, overrides, description = CAPACITY_CONFIGS[args.capacity_worker]
+    from .backends import STACKS
+
+    STACKS[backend_name].patch()
+    import torch
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from .backends import choose_backend, load_for_training
+    from .batchfit import memory_budget
+    from .distributed import plan
+    from .settings import resolve
+    from .train import sft_config
+
+    cli = {"base_model": args.model, "backend": backend_name, "max_steps": str(args.steps), "warmup_steps": "0",
+           "max_seq_length": str(args.cap), "batch_size": "1", "grad_accum": "1", "rope_scaling": args.rope,
+           "gpu_memory_limit_gib": str(args.limit_gib if args.cuda else 0), **overrides}
+    if not args.cuda:
+        cli.update({"load_in_4bit": "false", "gradient_checkpointing": "true", "optim": "adamw_torch"})
+    settings = resolve(cli, environ={}, dotenv_path=Path("/nonexistent"))
+    backend = choose_backend(settings, quiet=True)
+    memory_budget(settings, backend)
+    model, tokenizer = load_for_training(settings, backend, Path(args.model))
+    vocab = min(len(tokenizer), model.config.vocab_size)
+    if not args.cuda:
+        cpu_limit(args.limit_gib * 2**30)
+    result = {"config": args.capacity_worker, "description": description, "backend": backend.name,
+              "limit_gib": args.limit_gib, "rope_scaling": args.rope, "cap": args.cap, "granularity": args.granularity,
+              "steps": args.steps, "host": platform.node(), "tries": [],
+              "gpu": torch.cuda.get_device_name(0) if args.cuda else None}
+    tried: dict[int, bool] = {}
+    given = [int(n) for n in args.lengths.split(",")] if args.lengths else None
+    rng = random.Random(1)
+    while True:
+        length = (given.pop(0) if given else None) if given is not None else \
+            next_length(tried, args.start, args.cap, args.granularity)
+        if length is None:
+            break
+        rows = [{"input_ids": [rng.randrange(3, vocab - 1) for _ in range(length)]} for _ in range(args.steps)]
+        run = dataclasses_replace(settings, max_seq_length=length)
+        config = sft_config(run, backend, plan(run, nproc_per_node=1, nnodes=1), "random",
+                            Path(args.out).parent / f"ckpt-{args.capacity_worker}", eval_on_start=False,
+                            **BENCH_OVERRIDES)
+        steps: list[dict] = []
+        trainer, error = None, None
+        if args.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                                 processing_class=tokenizer, callbacks=[step_timer(steps, args.cuda)()])
+            trainer.train()
+        except Exception as err:  # noqa: BLE001 -- only running out of memory is an answer; the rest is re-raised
+            if not out_of_memory(err):
+                raise
+            error = str(err).splitlines()[0][:300]
+        ok = error is None and len(steps) == args.steps
+        tried[length] = ok
+        result["tries"].append({
+            "length": length, "ok": ok, "error": error,
+            "step_seconds": [s["seconds"] for s in steps],
+            "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if args.cuda else None,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if args.cuda else None})
+        print(f"{args.capacity_worker} under {args.limit_gib:g} GiB: {length:,} tokens "
+              f"{'trained' if ok else 'ran out of memory'}", flush=True)
+        if trainer is not None:
+            trainer.accelerator.free_memory()
+        del trainer
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        if args.cuda:
+            torch.cuda.empty_cache()
+        Path(args.out).write_text(json.dumps(result, indent=1))  # after every try: a crash keeps these
+    passed = [t["length"] for t in result["tries"] if t["ok"]]
+    result["longest"] = max(passed, default=None)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+def dataclasses_replace(settings, **changes):
+    import dataclasses
+
+    return dataclasses.replace(settings, **changes)
+
+
+def capacity(model: Path, out: Path, configs: list[str], limits: list[float], *, cap: int, start: int,
+             granularity: int, rope: str, cuda: bool, steps: int = CAPACITY_STEPS,
+             lengths: dict | None = None) -> list[dict]:
+    """For each stack and limit: the search in one process, then its longest length again in a fresh process (a
+    length only counts once it trains there; if it doesn't, one `granularity` shorter is tried the same way).
+    `lengths` (config -> "N,N"): run these lengths instead of searching."""
+    out.mkdir(parents=True, exist_ok=True)
+    results, failed_runs = [], []
+
+    def worker(name, limit, target, given):
+        cmd = [sys.executable, "-m", "cotune.bench", "--capacity-worker", name, "--model", str(model), "--out",
+               str(target), "--limit-gib", str(limit), "--cap", str(cap), "--start", str(start), "--granularity",
+               str(granularity), "--rope", rope, "--steps", str(steps)] + (["--lengths", given] if given else []) + (
+                   ["--cuda"] if cuda else [])
+        target.unlink(missing_ok=True)
+        began = time.monotonic()
+        proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
+        if proc.returncode != 0 or not target.is_file():
+            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+            print(f"capacity {name} under {limit:g} GiB: the worker FAILED (exit {proc.returncode})", flush=True)
+            failed_runs.append(f"{name} under {limit:g} GiB")
+        print(f"capacity {name} under {limit:g} GiB: {time.monotonic() - began:.0f} s with load", flush=True)
+        return json.loads(target.read_text()) if target.is_file() else None
+
+    for limit in limits:
+        for name in configs:
+            tag = f"{name}-{limit:g}g"
+            search = worker(name, limit, out / f"capacity-{tag}.json", (lengths or {}).get(name))
+            longest = search and search.get("longest")
+            confirmed = None
+            for candidate in ([longest, longest - granularity] if longest else []):
+                if candidate <= 0:
+                    break
+                again = worker(name, limit, out / f"capacity-{tag}-confirm.json", str(candidate))
+                if again and again.get("longest") == candidate:
+                    confirmed = {"length": candidate, **again["tries"][-1]}
+                    break
+            failed = [t["length"] for t in (search or {}).get("tries", []) if not t["ok"]]
+            results.append({"config": name, "limit_gib": limit, "description": CAPACITY_CONFIGS[name][2],
+                            "longest_confirmed": confirmed and confirmed["length"],
+                            "shortest_failed": min(failed, default=None), "confirm": confirmed,
+                            "search": search and search["tries"], "rope_scaling": rope, "cap": cap,
+                            "gpu": search and search.get("gpu")})
+            (out / "capacity.json").write_text(json.dumps(results, indent=1))
+    (out / "capacity.md").write_text(capacity_table(results))
+    if failed_runs:
+        print(capacity_table(results))
+        raise UserError(f"bench --capacity: {len(failed_runs)} run(s) failed: {', '.join(failed_runs)} (output above)")
+    return results
+
+
+def capacity_table(results: list[dict]) -> str:
+    gpu = next((r["gpu"] for r in results if r.get("gpu")), None) or "CPU"
+    f = lambda v, d=2: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
+    lines = [f"Device: {gpu}. Random weights; one sequence per step (batch 1), {CAPACITY_STEPS} steps per length; "
+             f"ROPE_SCALING={results[0]['rope_scaling'] or 'none'}; lengths searched up to {results[0]['cap']:,}. A "
+             "length counts once it trained again in a fresh process.", "",
+             "| config | memory limit (GiB) | longest trained (tokens) | shortest that ran out | vs plain | "
+             "median step at longest (s) | peak allocated at longest (GiB) |", "|---|---|---|---|---|---|---|"]
+    plain = {r["limit_gib"]: r["longest_confirmed"] for r in results if r["config"].startswith("plain")}
+    for r in results:
+        c = r["confirm"] or {}
+        steps = c.get("step_seconds") or []
+        base = plain.get(r["limit_gib"])
+        failed = f"{r['shortest_failed']:,}" if r["shortest_failed"] else f"none up to {r['cap']:,}"
+        lines.append(f"| {r['config']} | {r['limit_gib']:g} | {r['longest_confirmed'] or 'none'} | {failed} | "
+                     f"{f(r['longest_confirmed'] / base) + 'x' if base and r['longest_confirmed'] else 'n/a'} | "
+                     f"{f(statistics.median(steps[1:]) if len(steps) > 1 else None)} | "
+                     f"{f(c.get('peak_allocated_gib'))} |")
+    return "\n".join(lines) + "\n"
 
 
 def _loss_gap(r: dict, base: dict | None) -> float | None:
@@ -537,16 +755,25 @@ def main() -> None:
     p.add_argument("--plans", default="8:tokens", help="SEQUENCES:SPLIT,... (--ddp-worker)")
     p.add_argument("--micro", type=int, default=DDP_MICRO, help="sequences per micro-batch on one process")
     p.add_argument("--budget", type=float, default=0, help="seconds after which no new plan starts (0: none)")
+    p.add_argument("--capacity-worker", choices=sorted(CAPACITY_CONFIGS), help="one stack's capacity search")
+    p.add_argument("--limit-gib", type=float, default=24)
+    p.add_argument("--cap", type=int, default=131072, help="longest length searched")
+    p.add_argument("--start", type=int, default=8192, help="first length tried")
+    p.add_argument("--granularity", type=int, default=4096)
+    p.add_argument("--rope", default="", help="ROPE_SCALING for the capacity search")
+    p.add_argument("--lengths", default="", help="comma-separated lengths to try instead of searching")
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20)  # (--capacity-worker: steps per length)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rows", type=int, default=400)
     p.add_argument("--max-len", type=int, default=2048)
     p.add_argument("--median", type=int, default=700)
     p.add_argument("--cuda", action="store_true")
     args = p.parse_args()
-    if args.ddp_worker:
+    if args.capacity_worker:
+        capacity_worker(args)
+    elif args.ddp_worker:
         ddp_worker(args)
     elif args.config:
         worker(args)

@@ -65,7 +65,7 @@ def merge_precision(settings: Settings, cuda: bool) -> tuple[str, bool]:
     return "fp32", False
 
 
-def merge_adapter(precision: tuple[str, bool], base: Path, adapter: Path, chat_template: str):
+def merge_adapter(precision: tuple[str, bool], base: Path, adapter: Path, chat_template: str, rope: str = ""):
     """(model, tokenizer, what was merged into): the adapter merged into the weights in memory, in the precision
     training used (merge_precision). For a 4-bit run the base is loaded in NF4 exactly as trained and then
     dequantized, so the merged weights are the ones the adapter was trained against."""
@@ -73,21 +73,23 @@ def merge_adapter(precision: tuple[str, bool], base: Path, adapter: Path, chat_t
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from .models import load_tokenizer
+    from .models import load_tokenizer, model_config
 
     cuda = torch.cuda.is_available()
+    config = model_config(base, rope)  # ROPE_SCALING: the merged model keeps the positions it was trained with
+    extra = {"config": config} if config is not None else {}
     dtype_name, nf4 = precision
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     if nf4:
         from .backends.hf import nf4_config
 
         model = AutoModelForCausalLM.from_pretrained(base, quantization_config=nf4_config(dtype), dtype=dtype,
-                                                     use_safetensors=True, device_map={"": 0})
+                                                     use_safetensors=True, device_map={"": 0}, **extra)
         model = model.dequantize()
         merged_into = "NF4 base weights dequantized to " + str(dtype).removeprefix("torch.")
     else:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, use_safetensors=True,
-                                                     device_map={"": 0} if cuda else None)
+                                                     device_map={"": 0} if cuda else None, **extra)
         merged_into = "original base weights in " + str(dtype).removeprefix("torch.")
     model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     tokenizer = load_tokenizer(base)
@@ -293,7 +295,7 @@ def _export(settings: Settings, out: Path, base: Path, adapter: Path, template, 
         background.start("adapter", sha256_any, adapter)
         background.start("base_model", timed, seconds, "sha256_base_model", sha256_any, base)
         model, tokenizer, merge = timed(seconds, "merge", merge_adapter, precision, base, adapter,
-                                        template.chat_template())
+                                        template.chat_template(), settings.rope_scaling)
         if model.device.type != "cpu":
             # the converter and the safetensors writer both read host memory
             model = timed(seconds, "to_cpu", model.to, "cpu")

@@ -145,6 +145,33 @@ def require_safetensors(folder: Path) -> None:
     raise UserError(f"{folder}: no *.safetensors weights found")
 
 
+def rope_scaling(spec: str, model_path: Path) -> dict | None:
+    """ROPE_SCALING as the rope parameters transformers and Unsloth take: None for the model's own positions."""
+    if not spec:
+        return None
+    _, factor, *original = spec.split(":")
+    if not original:
+        from transformers import AutoConfig
+
+        original = [AutoConfig.from_pretrained(model_path).max_position_embeddings]
+    return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": int(original[0])}
+
+
+def model_config(model_path: Path, spec: str):
+    """The model's config with ROPE_SCALING applied (transformers 5 keeps the base, rope_theta, in the same dict); None
+    where nothing changes, so that from_pretrained reads the folder's own."""
+    scaling = rope_scaling(spec, model_path)
+    if scaling is None:
+        return None
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    config.rope_parameters = {**(getattr(config, "rope_parameters", None) or {}), **scaling}
+    config.max_position_embeddings = max(config.max_position_embeddings,
+                                         int(scaling["factor"] * scaling["original_max_position_embeddings"]))
+    return config
+
+
 def load_tokenizer(model_path: Path):
     from transformers import AutoTokenizer
 

@@ -84,6 +84,19 @@ def _split(v):
     return None
 
 
+ROPE_SCALING_FORM = re.compile(r"yarn:(\d+(?:\.\d+)?)(?::(\d+))?")
+
+
+def _rope_scaling(v):
+    if v == "":
+        return None
+    m = ROPE_SCALING_FORM.fullmatch(v)
+    if not m or float(m.group(1)) <= 1:
+        return ("expected '' (the model's own positions) or yarn:FACTOR[:ORIGINAL_CONTEXT] with FACTOR > 1, e.g. "
+                "yarn:4:32768 as Qwen3 documents for 131,072 tokens")
+    return None
+
+
 def _revision(v):
     return None if re.fullmatch(r"[\w./-]+", v) else "must be a branch, tag or commit sha (like main or 4f2c...)"
 
@@ -236,6 +249,9 @@ class Settings:
                                               "GPU memory, 1.16 GiB for Qwen3-8B, at no measurable speed cost; auto "
                                               "lets Unsloth decide from free memory); the plain stack ignores it",
                                       "run", choices=("auto", "true", "false"))
+    gpu_memory_limit_gib: float = _setting(0.0, "the most GPU memory training may take, in GiB (PyTorch's allocator "
+                                                "refuses beyond it; BATCH_FIT=auto fits under it); 0: the whole card",
+                                           "run", check=_non_negative)
     # --- processes ---
     nproc_per_node: str = _setting("1", "training processes on this machine: a number or auto (one per visible GPU); "
                                         "more than 1 trains through torchrun (DDP), each process on its own GPU",
@@ -259,6 +275,10 @@ class Settings:
                                            "used", "model", check=_revision)
     max_seq_length: int = _setting(2048, "tokens per training text; longer rows are dropped (counted in the data "
                                          "stage)", "model", check=_positive)
+    rope_scaling: str = _setting("", "stretch the model's positions for long rows: '' (as the model has them) or "
+                                     "yarn:FACTOR[:ORIGINAL_CONTEXT] (YaRN; ORIGINAL_CONTEXT defaults to the model's "
+                                     "max_position_embeddings); training, asking and the merged model all use it",
+                                 "model", check=_rope_scaling)
     dtype: str = _setting("auto", "weights' compute dtype: auto (bf16 where supported, else fp16; fp32 on CPU)",
                           "model", choices=("auto", "bf16", "fp16", "fp32"))
     load_in_4bit: bool = _setting(True, "QLoRA: load the base in 4-bit NF4 (GPU only; fp32 on a CPU, with a "
@@ -296,6 +316,10 @@ class Settings:
     # --- training ---
     batch_size: int = _setting(2, "per-device micro-batch (sequences)", "train", check=_positive)
     grad_accum: int = _setting(4, "micro-batches per optimizer step", "train", check=_positive)
+    batch_fit: str = _setting("off", "auto (GPU): pick the micro-batch, accumulation and how many layers recompute "
+                                     "their activations that run fastest in this card's memory, from a measured "
+                                     "probe and the longest training rows, keeping BATCH_SIZE x GRAD_ACCUM sequences "
+                                     "per step; off: as set", "train", choices=("off", "auto"))
     warmup_steps: int = _setting(5, "linear warm-up steps", "train", check=_non_negative)
     max_steps: int = _setting(75, "optimizer steps", "train", check=_positive)
     learning_rate: float = _setting(2e-4, "peak learning rate", "train", check=_learning_rate)
@@ -368,16 +392,16 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "data": ("base_model", "model_revision", "max_seq_length", "dataset", "dataset_revision", "dataset_config",
              "dataset_split", "eval_split", "eval_size",
              "question_column", "cot_column", "response_column", "template", "seed"),
-    "baseline": ("base_model", "model_revision", "max_seq_length", "backend", "dtype", "load_in_4bit", "template", "probe_question",
+    "baseline": ("base_model", "model_revision", "max_seq_length", "rope_scaling", "backend", "dtype", "load_in_4bit", "template", "probe_question",
                  "max_new_tokens_before", "eval_questions"),
-    "train": ("base_model", "model_revision", "max_seq_length", "backend", "dtype", "load_in_4bit",
+    "train": ("base_model", "model_revision", "max_seq_length", "rope_scaling", "backend", "dtype", "load_in_4bit",
               "offload_embedding", "lora_r",
               "lora_alpha", "lora_dropout", "lora_bias", "target_modules", "gradient_checkpointing", "random_state",
-              "use_rslora", "use_loftq", "batch_size", "grad_accum", "warmup_steps", "max_steps", "learning_rate",
+              "use_rslora", "use_loftq", "batch_size", "grad_accum", "batch_fit", "warmup_steps", "max_steps", "learning_rate",
               "optim", "weight_decay", "lr_scheduler", "completion_only_loss", "seed", "logging_steps", "save_steps"),
-    "after": ("base_model", "model_revision", "max_seq_length", "backend", "dtype", "load_in_4bit", "template", "probe_question",
+    "after": ("base_model", "model_revision", "max_seq_length", "rope_scaling", "backend", "dtype", "load_in_4bit", "template", "probe_question",
               "max_new_tokens_after", "eval_questions"),
-    "export": ("base_model", "model_revision", "load_in_4bit", "template", "probe_question", "gguf_quants", "gguf_name"),
+    "export": ("base_model", "model_revision", "rope_scaling", "load_in_4bit", "template", "probe_question", "gguf_quants", "gguf_name"),
     "verify": ("template", "probe_question", "max_new_tokens_after"),
     "report": ("template", "eval_questions", "max_new_tokens_after"),
 }
@@ -386,13 +410,13 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
 # number of processes is checked by training itself (ALLOW_WORLD_SIZE_CHANGE).
 DECIDES_NO_OUTPUT = ("preset", "run_dir", "overwrite", "disk_check", "hub_repo_id", "hub_private", "hub_license",
                      "hub_language", "hub_timeout", "hf_token", "nproc_per_node", "nnodes", "node_rank", "master_addr",
-                     "master_port", "allow_world_size_change")
+                     "master_port", "allow_world_size_change", "gpu_memory_limit_gib")
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The reference recipe's 8 sequences per optimizer step as 4 x 2 instead of 2 x 4: the same loss curve at about
-    # 1.9x Unsloth's reference tokens/s; the input embedding in host RAM pays for the larger micro-batch's
-    # activations (docs/benchmarks.md).
-    "fast": {"batch_size": 4, "grad_accum": 2, "offload_embedding": "true"},
+    # The reference recipe's 8 sequences per optimizer step, split as this card's memory allows (BATCH_FIT=auto; 4 x 2
+    # where no GPU fits it): the same loss curve, fewer and larger micro-batches; the input embedding in host RAM
+    # leaves more room for their activations (docs/benchmarks.md).
+    "fast": {"batch_size": 4, "grad_accum": 2, "offload_embedding": "true", "batch_fit": "auto"},
     # Runs every stage on a 2-core CPU in minutes: the embedded 135M model, the bundled sample, a learning rate
     # high enough that the template (and stopping on EOS) is learned in a few dozen steps.
     "demo": {

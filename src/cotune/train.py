@@ -121,10 +121,11 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry) + "\n")
 
-    def on_log(self, step: int, logs: dict) -> None:
+    def on_log(self, step: int, logs: dict, tokens_seen: int | None = None) -> None:
+        """`tokens_seen`: the real (non-pad) tokens trained so far, over all processes, as the trainer counts them."""
         if "loss" not in logs:
             return
-        now, tokens = time.monotonic(), logs.get("num_tokens")
+        now, tokens = time.monotonic(), tokens_seen if tokens_seen else logs.get("num_tokens")
         last_time, last_tokens = self._last
         rate = None
         if tokens is not None and last_tokens is not None and now > last_time:
@@ -281,7 +282,10 @@ def sft_config(settings: Settings, backend, layout: Layout, split: str, checkpoi
         bf16=backend.dtype == "bf16", fp16=backend.dtype == "fp16", use_cpu=backend.device == "cpu",
         gradient_checkpointing=backend.stack.trainer_checkpointing and checkpointing is True,
         gradient_checkpointing_kwargs={"use_reentrant": False}, dataset_num_proc=1,
-        completion_only_loss=settings.completion_only_loss)
+        completion_only_loss=settings.completion_only_loss,
+        # the trainer counts every process's real tokens itself: tokens/s on every stack (Unsloth's trainer logs
+        # no num_tokens)
+        include_num_input_tokens_seen="non_padding")
     unknown = set(overrides) - set(config) - {f.name for f in dataclasses.fields(SFTConfig)}
     if unknown:
         raise TypeError(f"not SFTConfig fields: {sorted(unknown)}")
@@ -313,7 +317,7 @@ def training_callback(process, metrics: MetricsLog | None, eval_on_start: bool):
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if metrics is not None:
-                metrics.on_log(state.global_step, logs or {})
+                metrics.on_log(state.global_step, logs or {}, state.num_input_tokens_seen)
 
     return Progress()
 
@@ -332,6 +336,7 @@ def run_train_stage(settings: Settings) -> dict | None:
     """Train on this process: alone, or as one of the N processes torchrun started (each with its own copy of the
     model on its own device; DDP averages their gradients). Rank 0 alone writes and returns the run record."""
     from .backends import choose_backend, load_for_training
+    from .batchfit import checkpointing_layers, fit_batch, keep_recomputed, memory_budget
     from .data import read_jsonl
     from .distributed import (decided_by_writer, end_process_group, gathered, on_every_process, plan,
                               start_process_group, this_process)
@@ -361,8 +366,16 @@ def run_train_stage(settings: Settings) -> dict | None:
                         "from a RUN_DIR that every machine shares (same path)")
 
     model_path = base_model_path(settings)
+    quiet = (lambda _m: None) if not me.is_writer else None
+    budget = memory_budget(settings, backend, me.local_rank, warn_=quiet)
     model, tokenizer = load_for_training(settings, backend, model_path, device_index=me.local_rank)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # the fitted micro-batch and accumulation train; the settings as given are what the run records
+    fitted, fit, _ = fit_batch(settings, backend, model, [int(r.get("n_tokens") or 0) + 1 for r in train_rows], budget,
+                               world_size=me.world_size, device_index=me.local_rank,
+                               say=print if me.is_writer else (lambda _m: None), warn_=quiet)
+    if fit is not None:
+        layout = plan(fitted, nproc_per_node=me.local_world_size, nnodes=me.world_size // me.local_world_size)
     if settings.disk_check:
         decided_by_writer(me, lambda: check_disk_for_checkpoints(settings, trainable))
 
@@ -380,11 +393,12 @@ def run_train_stage(settings: Settings) -> dict | None:
     # before train() marks the model prepared, train() then leaves it unwrapped, and the processes train apart
     # without syncing gradients (transformers 5.17 + accelerate 1.15, seen on gloo).
     eval_on_start = start_eval and me.distributed
-    config = sft_config(settings, backend, layout, split, checkpoints, eval_on_start)
+    config = sft_config(fitted, backend, layout, split, checkpoints, eval_on_start)
     callback = training_callback(me, metrics, eval_on_start)
+    callbacks = [callback] + ([keep_recomputed(checkpointing_layers(model), fit["recomputed_layers"])] if fit else [])
     trainer = trainer_class(SFTTrainer, split)(
         model=model, args=config, train_dataset=training_dataset(train_rows, settings),
-        eval_dataset=training_dataset(eval_rows, settings), processing_class=tokenizer, callbacks=[callback])
+        eval_dataset=training_dataset(eval_rows, settings), processing_class=tokenizer, callbacks=callbacks)
     callback.trainer = trainer
     assert_eos_is_learned(trainer, tokenizer)
     sampler = type(trainer._get_train_sampler()).__name__
@@ -421,6 +435,7 @@ def run_train_stage(settings: Settings) -> dict | None:
         "perplexity_end": math.exp(evals["end"]) if "end" in evals else None,
         "median_tokens_per_s": sorted(rates)[len(rates) // 2] if rates else None,
         "train_seconds_this_process": round(train_seconds, 1), "resumed_from": str(resume_from) if resume_from else None,
+        "batch_fit": fit,
         "processes": {**layout.record(), "split": split, "sampler": sampler,
                       "backend": ("nccl" if backend.device == "cuda" else "gloo") if me.distributed else None},
     }

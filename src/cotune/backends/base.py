@@ -18,6 +18,7 @@ class Stack:
     # to its longest row, which transformers' batch_rebalance prices
     split = "batch_rebalance"
     asks_in_one_batch = True      # the ask stage generates every question in one call (else one at a time)
+    padding_free = False          # micro-batches hold their rows' tokens only (else padded to the longest row)
     trainer_checkpointing = True  # gradient checkpointing is switched on by trl's SFTConfig (else by the loader)
 
     def unavailable(self, cuda: bool) -> str | None:

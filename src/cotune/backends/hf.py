@@ -15,13 +15,18 @@ def nf4_config(compute_dtype):
                               bnb_4bit_use_double_quant=True)
 
 
-def load_hf_model(model_path: Path, backend: Backend, device_index: int = 0):
-    """The base model: safetensors only, no remote code, NF4 when the backend asks for it; on a GPU, whole on this
-    process's own device (4-bit weights placed on another one break DDP)."""
+def load_hf_model(model_path: Path, backend: Backend, device_index: int = 0, rope: str = ""):
+    """The base model: safetensors only, no remote code, NF4 when the backend asks for it, positions stretched as
+    ROPE_SCALING (`rope`) says; on a GPU, whole on this process's own device (4-bit weights placed on another one
+    break DDP)."""
     from transformers import AutoModelForCausalLM
 
+    from ..models import model_config
+
+    config = model_config(model_path, rope)
     return AutoModelForCausalLM.from_pretrained(
         model_path, dtype=backend.torch_dtype(), use_safetensors=True, trust_remote_code=False,
+        **({"config": config} if config is not None else {}),
         quantization_config=nf4_config(backend.torch_dtype()) if backend.load_in_4bit else None,
         device_map={"": device_index} if backend.device == "cuda" else None)
 
@@ -41,7 +46,7 @@ class PlainStack(Stack):
         if settings.offload_embedding == "true":
             warn("OFFLOAD_EMBEDDING=true ignored: only the Unsloth backend keeps the embedding in host RAM")
         torch.manual_seed(settings.random_state)
-        model = load_hf_model(model_path, backend, device_index)
+        model = load_hf_model(model_path, backend, device_index, settings.rope_scaling)
         tokenizer = load_tokenizer(model_path)
         if backend.load_in_4bit and (kbit_upcast or backend.dtype == "fp16"):
             # fp16 keeps peft's fp32 copies: fp16 norms and heads are where QLoRA's instabilities came from.
@@ -59,7 +64,7 @@ class PlainStack(Stack):
     def load_for_generation(self, settings, backend, model_path, adapter):
         from ..models import load_tokenizer
 
-        model = load_hf_model(model_path, backend)
+        model = load_hf_model(model_path, backend, rope=settings.rope_scaling)
         if adapter is not None:
             from peft import PeftModel
 

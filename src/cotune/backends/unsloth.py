@@ -16,6 +16,7 @@ OFFLOAD_EMBEDDING = {"auto": "auto", "true": True, "false": False}  # Unsloth's 
 class UnslothStack(Stack):
     label = "Unsloth"
     split = "tokens"  # padding-free micro-batches: their work grows with tokens
+    padding_free = True
     asks_in_one_batch = False  # Unsloth's fast generation asks one question at a time
     trainer_checkpointing = False  # get_peft_model(use_gradient_checkpointing=...) switches it on
 
@@ -41,10 +42,12 @@ class UnslothStack(Stack):
     def load_for_training(self, settings, backend, model_path, *, kbit_upcast, device_index):
         from unsloth import FastLanguageModel  # must come before transformers/peft/trl are used
 
+        from ..models import rope_scaling
+
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=str(model_path), max_seq_length=settings.max_seq_length, dtype=backend.torch_dtype(),
             load_in_4bit=backend.load_in_4bit, offload_embedding=OFFLOAD_EMBEDDING[settings.offload_embedding],
-            device_map={"": device_index})
+            device_map={"": device_index}, rope_scaling=rope_scaling(settings.rope_scaling, model_path))
         model = FastLanguageModel.get_peft_model(
             model, r=settings.lora_r, target_modules=list(settings.target_modules), lora_alpha=settings.lora_alpha,
             lora_dropout=settings.lora_dropout, bias=settings.lora_bias,
@@ -57,9 +60,12 @@ class UnslothStack(Stack):
     def load_for_generation(self, settings, backend, model_path, adapter):
         from unsloth import FastLanguageModel
 
+        from ..models import rope_scaling
+
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=str(adapter or model_path), max_seq_length=settings.max_seq_length,
-            dtype=backend.torch_dtype(), load_in_4bit=backend.load_in_4bit)
+            dtype=backend.torch_dtype(), load_in_4bit=backend.load_in_4bit,
+            rope_scaling=rope_scaling(settings.rope_scaling, model_path))
         FastLanguageModel.for_inference(model)
         return model, tokenizer
 

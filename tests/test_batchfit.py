@@ -1,0 +1,129 @@
+"""BATCH_FIT=auto's choice for given memory sizes and row lengths (the rule itself, on numbers like Qwen3-8B's on
+one card), what it does where there is nothing to fit, and ROPE_SCALING through the real loader and converter."""
+import json
+from pathlib import Path
+
+import pytest
+
+from cotune.batchfit import GiB, HEADROOM, MemoryModel, choose, fit_batch, memory_budget, micro_batch_tokens
+from cotune.errors import UserError
+from cotune.settings import resolve
+
+# About Qwen3-8B in 4-bit through Unsloth: 6 GiB fixed, 36 layers; activations per token with no layer recomputing
+# and with all of them recomputing (kept in host RAM), as a probe on a GPU would measure them.
+QWEN3_8B = MemoryModel(fixed_bytes=6 * GiB, full_bytes_per_token=4.5 * 2**20, ckpt_bytes_per_token=0.25 * 2**20,
+                       layers=36)
+LOGNORMAL = [2048] * 10 + [1400] * 40 + [700] * 200 + [300] * 150  # the benchmark's spread, clipped at 2048
+
+
+def settings(**values):
+    return resolve({k: str(v) for k, v in values.items()}, environ={}, dotenv_path=Path("/nonexistent"))
+
+
+def test_the_longest_micro_batch_is_priced_from_the_rows():
+    assert micro_batch_tokens([100, 300, 200], 2, padding_free=True) == 500  # the two longest rows together
+    assert micro_batch_tokens([100, 300, 200], 2, padding_free=False) == 600  # padded to the longest
+    assert micro_batch_tokens([100], 4, padding_free=True) == 100
+
+
+def test_a_large_card_gets_one_micro_batch_with_few_layers_recomputing():
+    fit = choose(QWEN3_8B, 80 * GiB, 8, LOGNORMAL, padding_free=True, may_recompute=True)
+    assert (fit.micro_batch, fit.grad_accum) == (8, 1)
+    assert fit.micro_batch_tokens == 8 * 2048
+    assert 0 < fit.recomputed_layers < 12  # most layers keep their activations: little recompute
+    assert fit.predicted_peak_gib <= 80 * HEADROOM
+    # one layer fewer recomputing would not have fitted: the fewest that fit
+    assert QWEN3_8B.peak(fit.micro_batch_tokens, fit.recomputed_layers - 1) > 80 * GiB * HEADROOM
+
+
+def test_a_24_gib_card_recomputes_more_layers_but_keeps_the_sequences_per_step():
+    big = choose(QWEN3_8B, 80 * GiB, 8, LOGNORMAL, padding_free=True, may_recompute=True)
+    small = choose(QWEN3_8B, 24 * GiB, 8, LOGNORMAL, padding_free=True, may_recompute=True)
+    assert small.micro_batch * small.grad_accum == 8
+    assert small.recomputed_layers > big.recomputed_layers
+    assert small.predicted_peak_gib <= 24 * HEADROOM
+    for fit in (big, small):
+        assert json.loads(json.dumps(fit.record()))["micro_batch"] == fit.micro_batch  # recordable as is
+
+
+def test_smaller_micro_batches_only_where_one_does_not_fit():
+    # every layer recomputing, 8 x 2048 tokens need 6 + 4 GiB: a 9 GiB card takes 4 x 2 instead
+    fit = choose(QWEN3_8B, 9 * GiB, 8, LOGNORMAL, padding_free=True, may_recompute=True)
+    assert (fit.micro_batch, fit.grad_accum, fit.recomputed_layers) == (4, 2, 36)
+    # a stack that pads fills every micro-batch to the longest row: never more tokens than padding-free
+    padded = choose(QWEN3_8B, 24 * GiB, 8, [2048] + [300] * 50, padding_free=False, may_recompute=True)
+    free = choose(QWEN3_8B, 24 * GiB, 8, [2048] + [300] * 50, padding_free=True, may_recompute=True)
+    assert padded.micro_batch_tokens == 8 * 2048 and free.micro_batch_tokens == 2048 + 7 * 300
+    assert free.recomputed_layers < padded.recomputed_layers
+
+
+def test_without_checkpointing_only_the_micro_batch_moves():
+    fit = choose(QWEN3_8B, 80 * GiB, 8, LOGNORMAL, padding_free=True, may_recompute=False)
+    assert fit.recomputed_layers == 0 and fit.micro_batch < 8
+
+
+def test_a_card_too_small_for_one_row_is_refused_in_one_line():
+    with pytest.raises(UserError) as err:
+        choose(QWEN3_8B, 6 * GiB, 8, LOGNORMAL, padding_free=True, may_recompute=True)
+    message = str(err.value)
+    assert "\n" not in message and "BATCH_FIT=auto" in message and "2,048 tokens" in message
+    assert "lower MAX_SEQ_LENGTH" in message and "GPU_MEMORY_LIMIT_GIB" in message
+
+
+def test_on_the_cpu_the_fit_and_the_limit_say_so_and_change_nothing():
+    from cotune.backends import choose_backend
+
+    warned = []
+    s = settings(preset="fast", gpu_memory_limit_gib=24)
+    assert s.batch_fit == "auto"
+    backend = choose_backend(s, quiet=True)
+    assert backend.device == "cpu"
+    assert memory_budget(s, backend, warn_=warned.append) is None
+    same, fit, why = fit_batch(s, backend, model=None, lengths=[100], budget_bytes=None, warn_=warned.append)
+    assert same is s and fit is None and why == warned[-1]
+    assert warned == ["GPU_MEMORY_LIMIT_GIB=24 ignored: no CUDA GPU",
+                      "BATCH_FIT=auto fits the batch to a GPU's memory; on the CPU it does nothing, keeping "
+                      "BATCH_SIZE=4 x GRAD_ACCUM=2"]
+    assert fit_batch(settings(), backend, None, [100], None, warn_=warned.append)[1:] == (None, "BATCH_FIT=off")
+    assert len(warned) == 2
+
+
+@pytest.mark.parametrize("value", ["yarn", "yarn:1", "linear:4", "yarn:4:x", "yarn:0.5"])
+def test_a_rope_scaling_that_is_not_yarn_with_a_factor_is_refused(value):
+    with pytest.raises(UserError) as err:
+        settings(rope_scaling=value)
+    assert "ROPE_SCALING" in str(err.value) and "yarn:FACTOR" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_rope_scaling_reaches_the_model_the_merged_config_and_the_gguf(tmp_path):
+    """The embedded model loaded with ROPE_SCALING=yarn:4 computes other logits than without, saves the YaRN
+    parameters into its config, and llama.cpp's converter writes them into the GGUF."""
+    import torch
+
+    from cotune.backends import choose_backend
+    from cotune.converter import converter_gguf
+    from cotune.backends.hf import load_hf_model
+    from cotune.export import convert_to_gguf
+    from cotune.models import embedded_hf_folder, load_tokenizer
+
+    folder = embedded_hf_folder()
+    backend = choose_backend(settings(), quiet=True)
+    plain, stretched = load_hf_model(folder, backend), load_hf_model(folder, backend, rope="yarn:4")
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        assert (plain(ids).logits - stretched(ids).logits).abs().max() > 1e-3
+    stretched.save_pretrained(tmp_path / "merged")
+    load_tokenizer(folder).save_pretrained(tmp_path / "merged")
+    saved = json.loads((tmp_path / "merged" / "config.json").read_text())["rope_parameters"]
+    assert saved["rope_type"] == "yarn" and saved["factor"] == 4.0
+    assert saved["original_max_position_embeddings"] == plain.config.max_position_embeddings
+    convert_to_gguf(tmp_path / "merged", tmp_path / "m.gguf", "F16")
+    fields = converter_gguf().GGUFReader(tmp_path / "m.gguf").fields
+
+    def value(key):
+        field = fields[key]
+        data = field.parts[field.data[0]]
+        return bytes(data).decode() if field.types[0].name == "STRING" else float(data[0])
+
+    assert value("llama.rope.scaling.type") == "yarn" and value("llama.rope.scaling.factor") == 4.0
