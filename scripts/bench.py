@@ -79,6 +79,11 @@ def main(argv=None):
         model = out / f"model-{shape}-random"
         if not (model / "config.json").is_file():
             build(shape, args.tokenizer or resolve_model_path(EMBEDDED_MODEL), model)
+            if cuda:  # built on the GPU: give its memory back before the measured processes start (BATCH_FIT sizes
+                import gc  # the batch to what is free; 33 GiB held here once cost a run 16 recomputed layers)
+
+                gc.collect()
+                torch.cuda.empty_cache()
     if args.capacity:
         lengths = dict(item.split("=", 1) for item in args.lengths)
         results = capacity(model, out, configs, [float(v) for v in args.limits.split(",")], cap=args.cap,

@@ -14,7 +14,7 @@ print("gpu:", torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properties
 PY
 python -m cotune.randmodel --shape qwen3-tiny --tokenizer "$tok" --out "$model"
 common=(--preset demo --base-model "$model" --run-dir "$run" --backend unsloth --load-in-4bit true
-        --optim adamw_8bit --gradient-checkpointing unsloth --dtype auto "$@")
+        --optim adamw_8bit --gradient-checkpointing unsloth --dtype auto --gguf-quants Q8_0 "$@")
 python scripts/data.py "${common[@]}"
 python scripts/train.py "${common[@]}"
 python scripts/ask.py after "${common[@]}"
