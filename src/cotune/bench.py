@@ -361,7 +361,8 @@ def capacity(model: Path, out: Path, configs: list[str], limits: list[float], *,
         for name in configs:
             tag = f"{name}-{limit:g}g"
             search = worker(name, limit, out / f"capacity-{tag}.json", (lengths or {}).get(name))
-            longest = search and search.get("longest")
+            # from the tries themselves: a worker that died after some tries still wrote them
+            longest = max((t["length"] for t in (search or {}).get("tries", []) if t["ok"]), default=None)
             confirmed = None
             for candidate in ([longest, longest - granularity] if longest else []):
                 if candidate <= 0:
