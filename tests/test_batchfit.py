@@ -127,3 +127,30 @@ def test_rope_scaling_reaches_the_model_the_merged_config_and_the_gguf(tmp_path)
         return bytes(data).decode() if field.types[0].name == "STRING" else float(data[0])
 
     assert value("llama.rope.scaling.type") == "yarn" and value("llama.rope.scaling.factor") == 4.0
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_probe_measures_and_the_fit_keeps_the_sequences_per_step():
+    """The probe for real: the embedded model with LoRA on the GPU, one sequence with no layer and with every layer
+    recomputing; the fitted plan keeps 8 sequences per step inside the budget, and the layers are left as chosen."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: the fit measures GPU memory (CI has none; it runs on a GPU host)")
+    from cotune.backends import choose_backend, load_for_training
+    from cotune.batchfit import checkpointing_layers
+    from cotune.models import embedded_hf_folder
+
+    s = settings(backend="hf", load_in_4bit="false", batch_fit="auto", gpu_memory_limit_gib=4,
+                 gradient_checkpointing="true")
+    backend = choose_backend(s, quiet=True)
+    budget = memory_budget(s, backend)
+    assert budget == 4 * GiB
+    model, _ = load_for_training(s, backend, embedded_hf_folder())
+    fitted, fit, why = fit_batch(s, backend, model, [640] * 8 + [300] * 32, budget, say=lambda _m: None)
+    assert why is None and fitted.batch_size * fitted.grad_accum == 8
+    memory = fit["memory_model"]
+    assert memory["full_bytes_per_token"] > memory["ckpt_bytes_per_token"] > 0 and memory["layers"] == 30
+    assert fit["predicted_peak_gib"] <= 4 * HEADROOM
+    layers = checkpointing_layers(model)
+    assert sum(layer.gradient_checkpointing for layer in layers) == fit["recomputed_layers"]
