@@ -119,9 +119,11 @@ def set_recomputed(layers: list, recomputed: int) -> None:
         layer.gradient_checkpointing = index < recomputed
 
 
-def measure(model, layers: list, probe_tokens: int, device_index: int, vocab: int, optimizer_bytes: float) -> MemoryModel:
+def measure(model, layers: list, probe_tokens: int, device_index: int, vocab: int, optimizer_bytes: float,
+            may_recompute: bool = True) -> MemoryModel:
     """The memory model of this model on this card: one sequence of `probe_tokens` through a forward and backward
-    pass with no layer recomputing, then with every layer recomputing; the adapters' gradients are dropped after."""
+    pass with no layer recomputing, then (where layers may recompute) with every layer recomputing; the adapters'
+    gradients are dropped after."""
     import torch
 
     device = torch.device("cuda", device_index)
@@ -142,10 +144,11 @@ def measure(model, layers: list, probe_tokens: int, device_index: int, vocab: in
         model.zero_grad(set_to_none=True)
         return peak
 
-    activation_bytes(len(layers))  # warm-up: kernels compile and workspaces settle before anything is measured
-    ckpt = activation_bytes(len(layers))
-    full = activation_bytes(0)
-    set_recomputed(layers, len(layers))
+    every = len(layers) if may_recompute else 0
+    activation_bytes(every)  # warm-up: kernels compile and workspaces settle before anything is measured
+    ckpt = activation_bytes(every)
+    full = activation_bytes(0) if may_recompute else ckpt
+    set_recomputed(layers, every)
     model.train(was_training)
     torch.cuda.empty_cache()
     return MemoryModel(torch.cuda.memory_allocated(device) + optimizer_bytes, full / probe_tokens,
@@ -199,9 +202,8 @@ def fit_batch(settings, backend, model, lengths: list[int], budget_bytes: float 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     vocab = model.get_input_embeddings().weight.shape[0]
     memory = measure(model, layers, min(PROBE_TOKENS, max(lengths)), device_index, vocab,
-                     optimizer_bytes=trainable * 12.0)  # fp32 gradient + two optimizer moments, at most
-    if not may_recompute:
-        set_recomputed(layers, 0)
+                     optimizer_bytes=trainable * 12.0,  # fp32 gradient + two optimizer moments, at most
+                     may_recompute=may_recompute)
     fit = choose(memory, budget, settings.batch_size * settings.grad_accum, lengths,
                  padding_free=backend.stack.padding_free, may_recompute=may_recompute)
     set_recomputed(layers, fit.recomputed_layers)
