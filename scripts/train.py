@@ -65,7 +65,8 @@ def report(settings, timer, record=None):
     f = lambda v: v if v == "n/a" else f"{v:.3f}"  # noqa: E731
     print(f"steps {s['global_step']}: training loss {f(s['first_loss'])} -> {f(s['last_loss'])}, held-out loss "
           f"{f(s['eval_loss_start'])} -> {f(s['eval_loss_end'])}, median {s['median_tokens_per_s']} tokens/s "
-          f"({s['backend']} on {s['device']}, {s['dtype']})")
+          f"({s['backend']} on {s['device']}, {s['dtype']}"
+          f"{' under ' + s['autocast'] + ' autocast' if s.get('autocast') not in (None, 'n/a') else ''})")
     timer.done(f"adapter in {settings.stage_dir('train')}/adapter")
 
 

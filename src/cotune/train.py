@@ -279,7 +279,7 @@ def sft_config(settings: Settings, backend, layout: Layout, split: str, checkpoi
         weight_decay=settings.weight_decay, lr_scheduler_type=settings.lr_scheduler, seed=settings.seed,
         logging_steps=settings.logging_steps, save_strategy="steps", save_steps=settings.save_steps,
         save_total_limit=2, eval_strategy="no", eval_on_start=eval_on_start, report_to="none",
-        bf16=backend.dtype == "bf16", fp16=backend.dtype == "fp16", use_cpu=backend.device == "cpu",
+        bf16=backend.dtype == "bf16" or backend.autocast == "bf16", fp16=backend.dtype == "fp16", use_cpu=backend.device == "cpu",
         gradient_checkpointing=backend.stack.trainer_checkpointing and checkpointing is True,
         gradient_checkpointing_kwargs={"use_reentrant": False}, dataset_num_proc=1,
         completion_only_loss=settings.completion_only_loss,
@@ -427,8 +427,9 @@ def run_train_stage(settings: Settings) -> dict | None:
     losses = [e["loss"] for e in metrics.entries if "loss" in e]
     rates = [e["tokens_per_s"] for e in metrics.entries if e.get("tokens_per_s")]
     summary = {
-        "backend": backend.name, "device": backend.device, "dtype": backend.dtype, "load_in_4bit": backend.load_in_4bit,
-        "optim": backend.optim, "global_step": trainer.state.global_step, "trainable_params": trainable,
+        "backend": backend.name, "device": backend.device, "dtype": backend.dtype, "autocast": backend.autocast,
+        "load_in_4bit": backend.load_in_4bit, "optim": backend.optim, "global_step": trainer.state.global_step,
+        "trainable_params": trainable,
         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
         "eval_loss_start": evals.get("start"), "eval_loss_end": evals.get("end"),
         "perplexity_start": math.exp(evals["start"]) if "start" in evals else None,

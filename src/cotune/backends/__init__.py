@@ -32,6 +32,16 @@ def _cuda() -> tuple[bool, bool]:
     return available, available and torch.cuda.is_bf16_supported()
 
 
+def _cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX or AVX512-BF16). Elsewhere torch emulates bf16, which is
+    slower than fp32, so DTYPE=bf16 is ignored there."""
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    checks = (getattr(cpu, "_is_amx_tile_supported", None), getattr(cpu, "_is_avx512_bf16_supported", None))
+    return any(check is not None and check() for check in checks)
+
+
 def _pick(settings: Settings, cuda: bool, world_size: int, say) -> str:
     """The registry key to run: BACKEND's own choice (refused where it can't run), or auto's first that can."""
     def problem(stack: Stack) -> str | None:
@@ -61,10 +71,16 @@ def choose_backend(settings: Settings, *, quiet: bool = False, world_size: int =
     cuda, bf16_ok = _cuda()
     name = _pick(settings, cuda, world_size, say)
 
+    autocast = None
     if not cuda:
         dtype = "fp32"
-        if settings.dtype not in ("auto", "fp32"):
-            say(f"DTYPE={settings.dtype} ignored on the CPU: training and generation run in fp32")
+        if settings.dtype == "bf16" and _cpu_bf16():
+            autocast = "bf16"
+            say("no CUDA GPU: weights load in fp32 on the CPU (no 4-bit, no 8-bit optimizer); DTYPE=bf16: training "
+                "computes in bf16 under autocast (this CPU has native bf16); generation stays fp32")
+        elif settings.dtype not in ("auto", "fp32"):
+            why = " (this CPU has no native bf16: AMX or AVX512-BF16)" if settings.dtype == "bf16" else ""
+            say(f"DTYPE={settings.dtype} ignored on the CPU{why}: training and generation run in fp32")
         else:
             say("no CUDA GPU: weights load in fp32 on the CPU (no 4-bit, no 8-bit optimizer); slow beyond small models")
     elif settings.dtype == "auto":
@@ -84,7 +100,7 @@ def choose_backend(settings: Settings, *, quiet: bool = False, world_size: int =
     if "8bit" in optim and (not cuda or importlib.util.find_spec("bitsandbytes") is None):
         say(f"OPTIM={optim} needs bitsandbytes on a CUDA GPU; using adamw_torch")
         optim = "adamw_torch"
-    return Backend(name, "cuda" if cuda else "cpu", dtype, load_in_4bit, optim)
+    return Backend(name, "cuda" if cuda else "cpu", dtype, load_in_4bit, optim, autocast)
 
 
 def bytes_per_weight(backend: Backend) -> float:

@@ -57,6 +57,9 @@ class Backend:
     dtype: str        # "bf16", "fp16" or "fp32"
     load_in_4bit: bool
     optim: str
+    # "bf16" where the weights stay fp32 on the CPU but training's matmuls run under torch.autocast in bf16
+    # (DTYPE=bf16 on a CPU with native bf16: AMX or AVX512-BF16); None otherwise. Generation stays in fp32.
+    autocast: str | None = None
 
     @property
     def stack(self) -> Stack:
