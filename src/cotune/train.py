@@ -206,6 +206,26 @@ def preflight(settings: Settings, layout: Layout) -> dict | None:
     return done
 
 
+def score_labelled_positions_only() -> None:
+    """trl's fused LM head projects only the positions that carry a label onto the vocabulary, but only where Triton
+    runs (CUDA, XPU): elsewhere it scores every position, so that compiled devices (Neuron) keep one tile shape.
+    On the CPU nothing is compiled, and with COMPLETION_ONLY_LOSS the prompt's positions (over half of each demo
+    row) would cost the vocabulary projection, its softmax statistics and their backward for nothing. The loss,
+    entropy and accuracy are the same either way (ignored positions are zeroed). trl decides this in one line,
+    `compact = _use_triton(device)` in trl.trainer.utils, which this rebinds; a trl without it is left as it is."""
+    import trl.trainer.utils as trl_utils
+
+    triton = getattr(trl_utils, "_use_triton", None)
+    if triton is None or getattr(triton, "cotune_compact", False):
+        return
+
+    def compact(device) -> bool:
+        return device.type == "cpu" or triton(device)
+
+    compact.cotune_compact = True
+    trl_utils._use_triton = compact
+
+
 def sampling_strategy(split: str) -> str:
     """transformers' train_sampling_strategy behind a split: every split but `random` draws through its rank-aware
     batch_rebalance sampler."""
@@ -381,6 +401,8 @@ def run_train_stage(settings: Settings) -> dict | None:
 
     from trl import SFTTrainer
 
+    if backend.device == "cpu":
+        score_labelled_positions_only()
     checkpoints = out / "checkpoints"
     metrics = None
     if me.is_writer:
