@@ -431,7 +431,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval_split": "train[40:48]",
         "batch_size": 2,
         "grad_accum": 1,
-        "warmup_steps": 2,
+        # transformers' linear warm-up gives step 1 a learning rate of 0, a wasted step of 24; LoRA's B starts at zero,
+        # so the first full-rate step is gentle anyway (held-out loss 0.743 -> 0.655 at step 24, bf16)
+        "warmup_steps": 0,
         "max_steps": 24,
         "learning_rate": 2e-3,
         "optim": "adamw_torch",
