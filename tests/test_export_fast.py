@@ -126,3 +126,21 @@ def test_the_merge_runs_in_the_precision_training_used(tmp_path, capsys, summary
     assert merge_precision(settings, cuda) == expected
     err = capsys.readouterr().err
     assert (warning in err) if warning else "WARNING" not in err, err
+
+
+def test_report_takes_verify_answer_only_when_asked_the_same_way(tmp_path):
+    """The report reuses verify's reply to the probe (same file, greedy, same budget) instead of decoding it again;
+    any other budget or decoding is asked anew."""
+    from cotune.evaluation import gguf_answers, verify_reply
+    from cotune.verify import GREEDY
+
+    verify = {"prompt": "P", "answer": "why </think> so", "finish_reason": "stop", "completion_tokens": 7,
+              "decoding": {**GREEDY, "max_tokens": 400}}
+    known = verify_reply(verify, 400)
+    # every prompt known: the GGUF is never opened (the path does not even exist)
+    out = gguf_answers(tmp_path / "absent.gguf", [("probe", "q", "P")], 400, "</think>", known=known)
+    assert out == [{"kind": "probe", "question": "q", "answer": "why </think> so", "completion_tokens": 7,
+                    "stopped_on_eos": True, "closed_reasoning": True, "source": "verify"}]
+    assert verify_reply(verify, 300) == {}, "another token budget: asked again"
+    assert verify_reply({**verify, "decoding": {**GREEDY, "temperature": 0.7, "max_tokens": 400}}, 400) == {}
+    assert verify_reply({k: v for k, v in verify.items() if k != "prompt"}, 400) == {}

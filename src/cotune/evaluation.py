@@ -9,21 +9,41 @@ from .verify import answer_greedy, context_needed, load_gguf
 FP32_BYTES = 4  # the merged model is loaded in fp32 on the CPU: the reference the GGUFs are compared against
 
 
-def gguf_answers(gguf: Path, prompts: list[tuple[str, str, str]], max_tokens: int, close_tag: str) -> list[dict]:
-    """The GGUF answers each (kind, question, prompt), greedy, loaded as verify loads it."""
-    n_ctx, _ = context_needed(gguf, [prompt for _, _, prompt in prompts], max_tokens)
-    llm, _ = load_gguf(gguf, n_ctx=n_ctx)
+def gguf_answers(gguf: Path, prompts: list[tuple[str, str, str]], max_tokens: int, close_tag: str,
+                 known: dict[str, dict] | None = None) -> list[dict]:
+    """The GGUF answers each (kind, question, prompt), greedy, loaded as verify loads it. `known`: replies this very
+    file already gave with the same greedy decoding and token budget (verify's, by prompt; answer_greedy's keys),
+    taken as they are instead of asked again."""
+    replies = dict(known or {})
+    todo = [prompt for _, _, prompt in prompts if prompt not in replies]
+    if todo:
+        n_ctx, _ = context_needed(gguf, todo, max_tokens)
+        llm, _ = load_gguf(gguf, n_ctx=n_ctx)
+        try:
+            for prompt in todo:
+                replies[prompt] = {**answer_greedy(llm, prompt, max_tokens), "source": "report"}
+        finally:
+            llm.close()
     out = []
-    try:
-        for kind, question, prompt in prompts:
-            reply = answer_greedy(llm, prompt, max_tokens)
-            out.append({"kind": kind, "question": question, "answer": reply["text"],
-                        "completion_tokens": reply["completion_tokens"],
-                        "stopped_on_eos": reply["finish_reason"] == "stop",
-                        "closed_reasoning": close_tag in reply["text"]})
-    finally:
-        llm.close()
+    for kind, question, prompt in prompts:
+        reply = replies[prompt]
+        out.append({"kind": kind, "question": question, "answer": reply["text"],
+                    "completion_tokens": reply["completion_tokens"],
+                    "stopped_on_eos": reply["finish_reason"] == "stop",
+                    "closed_reasoning": close_tag in reply["text"], "source": reply.get("source", "report")})
     return out
+
+
+def verify_reply(verify: dict, max_tokens: int) -> dict[str, dict]:
+    """Verify's answer to its prompt, by prompt, where it was asked exactly as the report would ask it (greedy, the
+    same budget): the report takes it instead of decoding it again (the caller has checked it is this file's)."""
+    from .verify import GREEDY
+
+    decoding = verify.get("decoding") or {}
+    if not verify.get("prompt") or decoding != {**GREEDY, "max_tokens": max_tokens} or "answer" not in verify:
+        return {}
+    return {verify["prompt"]: {"text": verify["answer"], "finish_reason": verify["finish_reason"],
+                               "completion_tokens": verify["completion_tokens"], "source": "verify"}}
 
 
 def merged_logits(merged: Path, ids: list[list[int]]) -> list:

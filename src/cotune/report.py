@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from .errors import UserError
-from .evaluation import adherence, gguf_answers, logit_fidelity
+from .evaluation import adherence, gguf_answers, logit_fidelity, verify_reply
 from .files import atomic_path, write_json_atomic, write_text_atomic
 from .hubrepo import commits_sentence
 from .settings import Settings
@@ -55,7 +55,10 @@ def collect(settings: Settings) -> dict:
     template = load_template(settings.template)
     ggufs, q8_sha256 = verified_ggufs(settings, export, verify)
     prompts = [(a["kind"], a["question"], a["prompt"]) for a in after["answers"]]
-    gguf = gguf_answers(ggufs["Q8_0"], prompts, settings.max_new_tokens_after, template.reasoning_close)
+    # verify asked the probe question of this very Q8_0 (verified_ggufs checked its sha256) with the same greedy
+    # decoding: its answer is taken, not decoded a second time
+    gguf = gguf_answers(ggufs["Q8_0"], prompts, settings.max_new_tokens_after, template.reasoning_close,
+                        known=verify_reply(verify, settings.max_new_tokens_after))
     held_texts = [json.loads(line)["text"] for line in
                   (run / "data" / "eval.jsonl").read_text(encoding="utf-8").splitlines()[: max(2, settings.eval_questions)]]
     fidelity = logit_fidelity(run / "export" / "merged", ggufs, held_texts)
