@@ -14,7 +14,7 @@ at the same 8 sequences per step was 2x the tokens/s), then, at that size, the f
 every layer costs about a third of a step)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .errors import UserError
 
@@ -172,8 +172,6 @@ def fit_batch(settings, backend, model, lengths: list[int], budget_bytes: float 
     """(settings with the fitted BATCH_SIZE and GRAD_ACCUM, the fit's record or None, why none): BATCH_FIT=auto on
     one CUDA process, the model loaded as trained; elsewhere the settings as they are, with a WARNING saying why.
     `lengths`: the training rows' tokens."""
-    import dataclasses
-
     from .errors import warn
 
     warn_ = warn_ or warn
@@ -210,17 +208,21 @@ def fit_batch(settings, backend, model, lengths: list[int], budget_bytes: float 
     say(f"batch fit: {fit.describe()}; measured {memory.full_bytes_per_token / 2**20:.3f} MiB of activations per "
         f"token with no layer recomputing, {memory.ckpt_bytes_per_token / 2**20:.3f} MiB with all, "
         f"{memory.fixed_bytes / GiB:.1f} GiB fixed")
-    fitted = dataclasses.replace(settings, batch_size=fit.micro_batch, grad_accum=fit.grad_accum)
+    fitted = replace(settings, batch_size=fit.micro_batch, grad_accum=fit.grad_accum)
     return fitted, {**fit.record(), "memory_model": asdict(memory)}, None
 
 
-def keep_recomputed(layers: list, recomputed: int):
-    """A trainer callback that holds the fitted layers' checkpointing at every step (trainers and Unsloth switch it on
-    for every layer when training starts)."""
+def keep_recomputed(model, fit: dict | None) -> list:
+    """The trainer callbacks a fit needs: one that holds the fitted layers' checkpointing at every step (trainers and
+    Unsloth switch it on for every layer when training starts); none without a fit."""
+    if fit is None:
+        return []
     from transformers import TrainerCallback
+
+    layers, recomputed = checkpointing_layers(model), fit["recomputed_layers"]
 
     class Keep(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             set_recomputed(layers, recomputed)
 
-    return Keep()
+    return [Keep()]

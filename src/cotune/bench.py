@@ -4,6 +4,7 @@ rows whose lengths follow a lognormal spread (median 700 tokens, clipped to 128.
 chain-of-thought rows, never all at full length."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -133,7 +134,7 @@ def worker(args) -> dict:
     from trl import SFTTrainer
 
     from .backends import choose_backend, load_for_training
-    from .batchfit import checkpointing_layers, fit_batch, keep_recomputed, memory_budget
+    from .batchfit import fit_batch, keep_recomputed, memory_budget
     from .distributed import plan
     from .models import count_parameters
     from .settings import resolve
@@ -156,7 +157,7 @@ def worker(args) -> dict:
                         Path(args.out).parent / f"ckpt-{args.config}", eval_on_start=False, **BENCH_OVERRIDES)
     steps: list[dict] = []
     Timer = step_timer(steps, args.cuda)
-    callbacks = [Timer()] + ([keep_recomputed(checkpointing_layers(model), fit["recomputed_layers"])] if fit else [])
+    callbacks = [Timer(), *keep_recomputed(model, fit)]
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          callbacks=callbacks)
     if args.cuda:
@@ -281,15 +282,15 @@ def capacity_worker(args) -> None:
               "steps": args.steps, "host": platform.node(), "tries": [],
               "gpu": torch.cuda.get_device_name(0) if args.cuda else None}
     tried: dict[int, bool] = {}
-    given = [int(n) for n in args.lengths.split(",")] if args.lengths else None
+    given = iter([int(n) for n in args.lengths.split(",")]) if args.lengths else None
     rng = random.Random(1)
     while True:
-        length = (given.pop(0) if given else None) if given is not None else \
+        length = next(given, None) if given is not None else \
             next_length(tried, args.start, args.cap, args.granularity)
         if length is None:
             break
         rows = [{"input_ids": [rng.randrange(3, vocab - 1) for _ in range(length)]} for _ in range(args.steps)]
-        run = dataclasses_replace(settings, max_seq_length=length)
+        run = dataclasses.replace(settings, max_seq_length=length)
         config = sft_config(run, backend, plan(run, nproc_per_node=1, nnodes=1), "random",
                             Path(args.out).parent / f"ckpt-{args.capacity_worker}", eval_on_start=False,
                             **BENCH_OVERRIDES)
@@ -325,12 +326,6 @@ def capacity_worker(args) -> None:
     passed = [t["length"] for t in result["tries"] if t["ok"]]
     result["longest"] = max(passed, default=None)
     Path(args.out).write_text(json.dumps(result, indent=1))
-
-
-def dataclasses_replace(settings, **changes):
-    import dataclasses
-
-    return dataclasses.replace(settings, **changes)
 
 
 def capacity(model: Path, out: Path, configs: list[str], limits: list[float], *, cap: int, start: int,
@@ -524,7 +519,6 @@ def ddp_backend(cuda: bool) -> str:
 def ddp_worker(args) -> None:
     """One process of the comparison (one of N under torchrun, or alone): load the model once, then train every
     (sequences per step, split) plan from the same initial LoRA weights; rank 0 writes what all measured."""
-    import dataclasses
     import gc
 
     from .backends import STACKS, choose_backend, load_for_training

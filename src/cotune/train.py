@@ -357,7 +357,7 @@ def run_train_stage(settings: Settings) -> dict | None:
     """Train on this process: alone, or as one of the N processes torchrun started (each with its own copy of the
     model on its own device; DDP averages their gradients). Rank 0 alone writes and returns the run record."""
     from .backends import choose_backend, load_for_training
-    from .batchfit import checkpointing_layers, fit_batch, keep_recomputed, memory_budget
+    from .batchfit import fit_batch, keep_recomputed, memory_budget
     from .data import read_jsonl
     from .distributed import (decided_by_writer, end_process_group, gathered, on_every_process, plan,
                               start_process_group, this_process)
@@ -418,7 +418,7 @@ def run_train_stage(settings: Settings) -> dict | None:
     eval_on_start = start_eval and me.distributed
     config = sft_config(fitted, backend, layout, split, checkpoints, eval_on_start)
     callback = training_callback(me, metrics, eval_on_start)
-    callbacks = [callback] + ([keep_recomputed(checkpointing_layers(model), fit["recomputed_layers"])] if fit else [])
+    callbacks = [callback, *keep_recomputed(model, fit)]
     trainer = trainer_class(SFTTrainer, split)(
         model=model, args=config, train_dataset=training_dataset(train_rows, settings),
         eval_dataset=training_dataset(eval_rows, settings), processing_class=tokenizer, callbacks=callbacks)
