@@ -62,6 +62,58 @@ def test_without_checkpointing_only_the_micro_batch_moves():
     assert fit.recomputed_layers == 0 and fit.micro_batch < 8
 
 
+def test_each_micro_batch_recomputes_only_what_its_own_tokens_need():
+    # the fit is sized for the 8 longest rows together; a micro-batch of median rows needs no recompute at all
+    fit = choose(QWEN3_8B, 80 * GiB, 8, LOGNORMAL, padding_free=True, may_recompute=True)
+    limit = 80 * GiB * HEADROOM
+    assert QWEN3_8B.fewest_recomputed(fit.micro_batch_tokens, limit) == fit.recomputed_layers > 0
+    assert fit.micro_batch_tokens > fit.tokens_without_recompute > 8 * 700
+    assert QWEN3_8B.fewest_recomputed(fit.tokens_without_recompute, limit) == 0
+    assert QWEN3_8B.fewest_recomputed(fit.tokens_without_recompute + 64, limit) == 1
+    assert "none up to" in fit.describe()
+
+
+def test_the_hook_sets_each_micro_batchs_recompute_on_the_real_layers():
+    """The embedded model's own decoder layers, trained for real on the CPU: the hook before each training forward
+    pass sets how many layers recompute from that micro-batch's tokens, and the record counts the micro-batches."""
+    import torch
+    from transformers import AutoModelForCausalLM, TrainerState
+
+    from cotune.batchfit import arm, checkpointing_layers, keep_recomputed
+    from cotune.models import embedded_hf_folder
+
+    model = AutoModelForCausalLM.from_pretrained(embedded_hf_folder(), dtype=torch.float32)
+    layers = checkpointing_layers(model)
+    arm(model, layers)
+    # 1 GiB fixed; 1 MiB per token kept, 0.1 MiB with every layer recomputing; the budget leaves 100 MiB above
+    # the fixed part: up to 100 tokens recompute nothing, 2 rows of 100 tokens need most layers to recompute
+    memory = MemoryModel(GiB, 2**20, 0.1 * 2**20, len(layers))
+    plan = choose(memory, (GiB + 100 * 2**20) / HEADROOM, 2, [100, 100, 32, 32], padding_free=False,
+                  may_recompute=True)
+    fit = {**plan.record(), "memory_model": {"fixed_bytes": GiB, "full_bytes_per_token": 2**20,
+                                             "ckpt_bytes_per_token": 0.1 * 2**20, "layers": len(layers)}}
+    assert plan.micro_batch == 2 and 0 < plan.recomputed_layers < len(layers)
+    [keep] = keep_recomputed(model, fit)
+    state = TrainerState()
+    keep.on_train_begin(None, state, None)
+    model.train()
+    counts = []
+    for shape in [(2, 32), (2, 100), (1, 90)]:
+        keep.on_step_begin(None, state, None)  # the longest micro-batch's count, then the hook lowers it
+        ids = torch.randint(3, 1000, shape)
+        model(input_ids=ids, labels=ids).loss.backward()
+        counts.append(sum(layer.gradient_checkpointing for layer in layers))
+    assert counts == [0, plan.recomputed_layers, 0]
+    model.eval()
+    model(input_ids=torch.randint(3, 1000, (1, 8)))  # not training: not counted
+    state.global_step = 3
+    keep.on_train_end(None, state, None)
+    assert fit["micro_batches_by_recomputed_layers"] == {"0": 2, str(plan.recomputed_layers): 1}
+    model.train()
+    model(input_ids=torch.randint(3, 1000, (1, 8)))  # the hook is gone after training: not counted
+    assert fit["micro_batches_by_recomputed_layers"] == {"0": 2, str(plan.recomputed_layers): 1}
+
+
 def test_a_card_too_small_for_one_row_is_refused_in_one_line():
     with pytest.raises(UserError) as err:
         choose(QWEN3_8B, 6 * GiB, 8, LOGNORMAL, padding_free=True, may_recompute=True)
@@ -130,27 +182,49 @@ def test_rope_scaling_reaches_the_model_the_merged_config_and_the_gguf(tmp_path)
 
 
 @pytest.mark.gpu
-def test_on_a_gpu_the_probe_measures_and_the_fit_keeps_the_sequences_per_step():
-    """The probe for real: the embedded model with LoRA on the GPU, one sequence with no layer and with every layer
-    recomputing; the fitted plan keeps 8 sequences per step inside the budget, and the layers are left as chosen."""
+def test_on_a_gpu_the_probe_measures_and_the_fit_keeps_the_sequences_per_step(tmp_path):
+    """The probe and the per-micro-batch hook for real: a small random Qwen3 (8 layers) with LoRA on the GPU, one
+    sequence with no layer and with every layer recomputing; the fitted plan keeps 8 sequences per step inside the
+    budget, and three training steps through trl's trainer set each micro-batch's recompute and record it. The
+    tokenizer is the embedded model's, or on a GPU host without it, the folder COTUNE_TEST_TOKENIZER names."""
+    import os
+
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU: the fit measures GPU memory (CI has none; it runs on a GPU host)")
-    from cotune.backends import choose_backend, load_for_training
-    from cotune.batchfit import checkpointing_layers
-    from cotune.models import embedded_hf_folder
+    from datasets import Dataset
+    from trl import SFTTrainer
 
+    from cotune.backends import choose_backend, load_for_training
+    from cotune.batchfit import checkpointing_layers, keep_recomputed
+    from cotune.distributed import plan
+    from cotune.models import embedded_hf_folder
+    from cotune.randmodel import build
+    from cotune.train import sft_config
+
+    tokenizer = Path(os.environ["COTUNE_TEST_TOKENIZER"]) if os.environ.get("COTUNE_TEST_TOKENIZER") else \
+        embedded_hf_folder()
+    model_dir = build("qwen3-tiny", tokenizer, tmp_path / "model")
     s = settings(backend="hf", load_in_4bit="false", batch_fit="auto", gpu_memory_limit_gib=4,
-                 gradient_checkpointing="true")
+                 gradient_checkpointing="true", max_steps=3, warmup_steps=0, batch_size=1, grad_accum=8)
     backend = choose_backend(s, quiet=True)
     budget = memory_budget(s, backend)
     assert budget == 4 * GiB
-    model, _ = load_for_training(s, backend, embedded_hf_folder())
-    fitted, fit, why = fit_batch(s, backend, model, [640] * 8 + [300] * 32, budget, say=lambda _m: None)
+    model, tok = load_for_training(s, backend, model_dir)
+    lengths = [1500] * 8 + [300] * 32
+    fitted, fit, why = fit_batch(s, backend, model, lengths, budget, say=lambda _m: None)
     assert why is None and fitted.batch_size * fitted.grad_accum == 8
     memory = fit["memory_model"]
-    assert memory["full_bytes_per_token"] > memory["ckpt_bytes_per_token"] > 0 and memory["layers"] == 30
+    assert memory["full_bytes_per_token"] > memory["ckpt_bytes_per_token"] > 0 and memory["layers"] == 8
     assert fit["predicted_peak_gib"] <= 4 * HEADROOM
     layers = checkpointing_layers(model)
     assert sum(layer.gradient_checkpointing for layer in layers) == fit["recomputed_layers"]
+    rows = [{"input_ids": list(range(3, 3 + n))} for n in lengths]
+    config = sft_config(fitted, backend, plan(fitted, nproc_per_node=1, nnodes=1), "random", tmp_path / "ckpt",
+                        eval_on_start=False, save_strategy="no", logging_steps=1)
+    torch.cuda.reset_peak_memory_stats()
+    SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok,
+               callbacks=keep_recomputed(model, fit)).train()
+    assert sum(fit["micro_batches_by_recomputed_layers"].values()) == 3 * fitted.grad_accum
+    assert torch.cuda.max_memory_allocated() <= 4 * GiB

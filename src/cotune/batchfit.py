@@ -11,7 +11,9 @@ pad each micro-batch to its longest row).
 
 The rule, from the measured speeds (docs/benchmarks.md): fewer, larger micro-batches first (on one H200, 2 x 4 -> 8 x 1
 at the same 8 sequences per step was 2x the tokens/s), then, at that size, the fewest layers recomputed (recomputing
-every layer costs about a third of a step)."""
+every layer costs about a third of a step). The micro-batch is sized for the longest one the data can make; how many
+layers recompute is decided again before each micro-batch from its own tokens, so that the many short ones recompute
+nothing and only the few long ones pay for it."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
@@ -35,6 +37,16 @@ class MemoryModel:
         per_token = self.ckpt_bytes_per_token + share * max(0.0, self.full_bytes_per_token - self.ckpt_bytes_per_token)
         return self.fixed_bytes + tokens * per_token
 
+    def fewest_recomputed(self, tokens: int, limit_bytes: float) -> int:
+        """The fewest layers that must recompute for `tokens` in one micro-batch to fit `limit_bytes` (every layer
+        where even that does not fit)."""
+        return next((r for r in range(self.layers + 1) if self.peak(tokens, r) <= limit_bytes), self.layers)
+
+    def tokens_without_recompute(self, limit_bytes: float) -> int:
+        """The most tokens a micro-batch may hold with no layer recomputing."""
+        return max(0, int((limit_bytes - self.fixed_bytes) // self.full_bytes_per_token)) \
+            if self.full_bytes_per_token > 0 else 0
+
 
 @dataclass(frozen=True)
 class Fit:
@@ -45,11 +57,14 @@ class Fit:
     micro_batch_tokens: int
     predicted_peak_gib: float
     budget_gib: float
+    tokens_without_recompute: int = 0  # a micro-batch up to this many tokens recomputes no layer
 
     def describe(self) -> str:
-        return (f"{self.micro_batch} x {self.grad_accum}, {self.recomputed_layers} of {self.layers} layers recompute "
-                f"their activations (the longest micro-batch this data can make: {self.micro_batch_tokens:,} tokens; "
-                f"predicted peak {self.predicted_peak_gib:.1f} GiB of a {self.budget_gib:.1f} GiB budget)")
+        return (f"{self.micro_batch} x {self.grad_accum}; before each micro-batch, the fewest layers recompute their "
+                f"activations that let its tokens fit: none up to {self.tokens_without_recompute:,} tokens, "
+                f"{self.recomputed_layers} of {self.layers} for the longest micro-batch this data can make "
+                f"({self.micro_batch_tokens:,} tokens; predicted peak {self.predicted_peak_gib:.1f} GiB of a "
+                f"{self.budget_gib:.1f} GiB budget)")
 
     def record(self) -> dict:
         return asdict(self)
@@ -73,7 +88,7 @@ def choose(model: MemoryModel, budget_bytes: float, sequences: int, lengths: lis
             peak = model.peak(tokens, recomputed)
             if peak <= limit:
                 return Fit(micro, sequences // micro, recomputed, model.layers, tokens, peak / GiB,
-                           budget_bytes / GiB)
+                           budget_bytes / GiB, min(tokens, model.tokens_without_recompute(limit)))
     longest = max(lengths) if lengths else 0
     least = model.peak(longest, model.layers if may_recompute else 0)
     raise UserError(f"BATCH_FIT=auto: one sequence of the longest training row ({longest:,} tokens) needs about "
@@ -213,16 +228,50 @@ def fit_batch(settings, backend, model, lengths: list[int], budget_bytes: float 
 
 
 def keep_recomputed(model, fit: dict | None) -> list:
-    """The trainer callbacks a fit needs: one that holds the fitted layers' checkpointing at every step (trainers and
-    Unsloth switch it on for every layer when training starts); none without a fit."""
+    """The trainer callbacks a fit needs (none without one). Trainers and Unsloth switch checkpointing on for every
+    layer when training starts; at every step the callback sets the fitted count for the longest micro-batch, and a
+    hook before each training forward pass lowers it to what that micro-batch's own tokens need. At the end of
+    training the fit's record gains how many micro-batches recomputed how many layers."""
     if fit is None:
         return []
+    from collections import Counter
+
     from transformers import TrainerCallback
 
-    layers, recomputed = checkpointing_layers(model), fit["recomputed_layers"]
+    from .errors import warn
+
+    layers, worst = checkpointing_layers(model), fit["recomputed_layers"]
+    memory = MemoryModel(**fit["memory_model"])
+    limit = fit["budget_gib"] * GiB * HEADROOM
+    seen: Counter = Counter()
+
+    def before_forward(module, args, kwargs):
+        if not module.training:
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        tokens = ids.numel() if ids is not None else embeds.shape[0] * embeds.shape[1] if embeds is not None else None
+        if tokens is None:
+            return  # nothing to count: the step's setting (the longest micro-batch's) stays
+        recomputed = min(worst, memory.fewest_recomputed(tokens, limit))
+        set_recomputed(layers, recomputed)
+        seen[recomputed] += 1
 
     class Keep(TrainerCallback):
+        hook = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.hook = model.register_forward_pre_hook(before_forward, with_kwargs=True)
+
         def on_step_begin(self, args, state, control, **kwargs):
-            set_recomputed(layers, recomputed)
+            set_recomputed(layers, worst)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.hook is not None:
+                self.hook.remove()
+            if state.global_step and not seen:
+                warn(f"BATCH_FIT=auto: no training forward pass was seen, so every micro-batch recomputed {worst} of "
+                     f"{len(layers)} layers (the longest micro-batch's count)")
+            fit["micro_batches_by_recomputed_layers"] = {str(k): v for k, v in sorted(seen.items())}
 
     return [Keep()]

@@ -175,8 +175,8 @@ def worker(args) -> dict:
     result = {
         "config": args.config, "description": description, "backend": backend.name,
         "micro_batch": batch, "grad_accum": accum,
-        "gradient_checkpointing": str(checkpointing).lower() if fit is None else
-        f"{fit['recomputed_layers']}/{fit['layers']} layers", "batch_fit": fit,
+        "gradient_checkpointing": str(checkpointing).lower() if fit is None else recompute_summary(fit),
+        "batch_fit": fit,
         "gpu_memory_limit_gib": settings.gpu_memory_limit_gib or None,
         "embedding_device": str(base_model.get_input_embeddings().weight.device.type),
         "steps_timed": len(timed), "warmup_steps_excluded": args.warmup, "steps": args.steps, "rows": args.rows,
@@ -210,6 +210,15 @@ CAPACITY_CONFIGS = {
                    "transformers + bitsandbytes + peft + trl QLoRA as trl runs it, batch 1, gradient checkpointing"),
 }
 CAPACITY_STEPS = 3  # optimizer steps a length must train to count (the first compiles and allocates)
+
+
+def recompute_summary(fit: dict) -> str:
+    """How many layers the fitted run recomputed: at most (the longest micro-batch's count) and on average over the
+    micro-batches it trained."""
+    seen = {int(k): v for k, v in (fit.get("micro_batches_by_recomputed_layers") or {}).items()}
+    mean = sum(k * v for k, v in seen.items()) / sum(seen.values()) if seen else None
+    return f"per micro-batch, at most {fit['recomputed_layers']}/{fit['layers']} layers" + (
+        f" (mean {mean:.1f})" if mean is not None else "")
 
 
 def out_of_memory(err: BaseException) -> bool:
