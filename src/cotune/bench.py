@@ -40,6 +40,8 @@ CONFIGS = {
                         "PRESET=fast under GPU_MEMORY_LIMIT_GIB=24: the batch fitted to a 24 GiB card"),
     "cotune-fast-4x2": ("unsloth", {"preset": "fast", "batch_fit": "off"},
                         "PRESET=fast without the fit: Unsloth QLoRA, 4 x 2, input embedding in host RAM"),
+    "unsloth-reference-tiled": ("unsloth", {"batch_size": 2, "grad_accum": 4, "tiled_mlp": "true"},
+                                "the reference settings with TILED_MLP=true: what the MLP's slicing costs"),
     "unsloth-8x1": ("unsloth", {"batch_size": 8, "grad_accum": 1}, "Unsloth QLoRA, 8 x 1"),
     "unsloth-8x1-nogc": ("unsloth", {"batch_size": 8, "grad_accum": 1, "gradient_checkpointing": "false"},
                          "Unsloth QLoRA, 8 x 1, no gradient checkpointing: the speed ceiling, at a memory cost"),
@@ -204,8 +206,11 @@ def worker(args) -> dict:
 # recipe's stack with what it offers for long rows: Unsloth's offloaded checkpointing (activations in host RAM), its
 # chunked cross-entropy (no full logits), the input embedding in host RAM.
 CAPACITY_CONFIGS = {
-    "cotune-long": ("unsloth", {"gradient_checkpointing": "unsloth", "offload_embedding": "true"},
-                    "Unsloth QLoRA, batch 1, offloaded checkpointing, input embedding in host RAM"),
+    "cotune-long": ("unsloth", {"gradient_checkpointing": "unsloth", "offload_embedding": "true", "tiled_mlp": "true"},
+                    "Unsloth QLoRA, batch 1, offloaded checkpointing, input embedding in host RAM, MLP in slices "
+                    "(TILED_MLP=true)"),
+    "cotune-long-untiled": ("unsloth", {"gradient_checkpointing": "unsloth", "offload_embedding": "true"},
+                            "Unsloth QLoRA, batch 1, offloaded checkpointing, input embedding in host RAM"),
     "plain-long": ("hf", {"gradient_checkpointing": "true"},
                    "transformers + bitsandbytes + peft + trl QLoRA as trl runs it, batch 1, gradient checkpointing"),
 }

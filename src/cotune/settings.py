@@ -249,6 +249,9 @@ class Settings:
                                               "GPU memory, 1.16 GiB for Qwen3-8B, at no measurable speed cost; auto "
                                               "lets Unsloth decide from free memory); the plain stack ignores it",
                                       "run", choices=("auto", "true", "false"))
+    tiled_mlp: bool = _setting(False, "Unsloth: run each MLP over slices of the sequence (Unsloth's arctic tiling), so "
+                                      "that a long row's MLP activations never exist whole: longer rows fit, at a "
+                                      "cost in tokens/s (docs/benchmarks.md); the plain stack ignores it", "run")
     gpu_memory_limit_gib: float = _setting(0.0, "the most GPU memory training may take, in GiB (PyTorch's allocator "
                                                 "refuses beyond it; BATCH_FIT=auto fits under it); 0: the whole card",
                                            "run", check=_non_negative)
@@ -397,7 +400,7 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "baseline": ("base_model", "model_revision", "max_seq_length", "rope_scaling", "backend", "dtype", "load_in_4bit", "template", "probe_question",
                  "max_new_tokens_before", "eval_questions"),
     "train": ("base_model", "model_revision", "max_seq_length", "rope_scaling", "backend", "dtype", "load_in_4bit",
-              "offload_embedding", "lora_r",
+              "offload_embedding", "tiled_mlp", "lora_r",
               "lora_alpha", "lora_dropout", "lora_bias", "target_modules", "gradient_checkpointing", "random_state",
               "use_rslora", "use_loftq", "batch_size", "grad_accum", "batch_fit", "warmup_steps", "max_steps", "learning_rate",
               "optim", "weight_decay", "lr_scheduler", "completion_only_loss", "seed", "logging_steps", "save_steps"),

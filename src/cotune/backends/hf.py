@@ -45,6 +45,8 @@ class PlainStack(Stack):
 
         if settings.offload_embedding == "true":
             warn("OFFLOAD_EMBEDDING=true ignored: only the Unsloth backend keeps the embedding in host RAM")
+        if settings.tiled_mlp:
+            warn("TILED_MLP=true ignored: only the Unsloth backend runs the MLP in slices of the sequence")
         torch.manual_seed(settings.random_state)
         model = load_hf_model(model_path, backend, device_index, settings.rope_scaling)
         tokenizer = load_tokenizer(model_path)

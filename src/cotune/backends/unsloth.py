@@ -47,7 +47,8 @@ class UnslothStack(Stack):
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=str(model_path), max_seq_length=settings.max_seq_length, dtype=backend.torch_dtype(),
             load_in_4bit=backend.load_in_4bit, offload_embedding=OFFLOAD_EMBEDDING[settings.offload_embedding],
-            device_map={"": device_index}, rope_scaling=rope_scaling(settings.rope_scaling, model_path))
+            device_map={"": device_index}, rope_scaling=rope_scaling(settings.rope_scaling, model_path),
+            unsloth_tiled_mlp=settings.tiled_mlp)
         model = FastLanguageModel.get_peft_model(
             model, r=settings.lora_r, target_modules=list(settings.target_modules), lora_alpha=settings.lora_alpha,
             lora_dropout=settings.lora_dropout, bias=settings.lora_bias,
