@@ -26,6 +26,23 @@ def test_the_settings_choices_are_the_registry_keys():
     assert all(stack.label for stack in STACKS.values()), "every backend names itself in WARNINGs"
 
 
+def test_the_plain_stack_says_it_ignores_the_unsloth_only_settings(capsys):
+    """TILED_MLP and OFFLOAD_EMBEDDING are Unsloth's: the plain stack loads the real embedded model as asked, and a
+    WARNING names each setting it ignores, so that a long-row run on it is not mistaken for one with them."""
+    from cotune.backends import choose_backend, load_for_training
+    from cotune.models import embedded_hf_folder
+    from cotune.settings import resolve
+
+    settings = resolve({"backend": "hf", "tiled_mlp": "true", "offload_embedding": "true", "load_in_4bit": "false"},
+                       environ={}, dotenv_path=Path("/nonexistent"))
+    backend = choose_backend(settings, quiet=True)
+    model, _ = load_for_training(settings, backend, embedded_hf_folder())
+    err = capsys.readouterr().err
+    assert "WARNING: TILED_MLP=true ignored: only the Unsloth backend runs the MLP in slices" in err
+    assert "WARNING: OFFLOAD_EMBEDDING=true ignored" in err
+    assert model.get_input_embeddings().weight.device.type == backend.device
+
+
 def test_auto_without_a_gpu_takes_the_plain_stack_and_says_why(capsys):
     no_gpu_here()
     from cotune.backends import choose_backend
