@@ -104,3 +104,39 @@ def test_a_backend_added_as_one_module_and_one_row_trains(tmp_path):
 
     unknown = run_script("train", *DEMO, "--run-dir", str(run), "--backend", "hf-eager", env=env)
     assert_user_error(unknown, "BACKEND='hf-eager': not allowed; choose one of auto, unsloth, hf")
+
+
+def test_the_private_names_the_cpu_demo_rests_on_are_there(monkeypatch, capsys):
+    """The CPU demo's two speed-ups rest on private names: trl's `_use_triton` (rebound so that the CPU projects only
+    labelled positions onto the vocabulary) and torch.cpu's bf16 checks. An upgrade that drops one would leave the
+    demo slower behind a WARNING; here it fails first. And the WARNING is there when trl lacks the name."""
+    import torch
+    import trl.trainer.utils as trl_utils
+
+    from cotune.backends import CPU_BF16_CHECKS, _cpu_bf16
+    from cotune.train import score_labelled_positions_only
+
+    assert all(callable(getattr(torch.cpu, name, None)) for name in CPU_BF16_CHECKS)
+    assert _cpu_bf16() in (True, False)
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)  # restored after the test
+    assert trl_utils._use_triton(torch.device("cpu")) is False
+    score_labelled_positions_only()
+    assert trl_utils._use_triton(torch.device("cpu")) is True and capsys.readouterr().err == ""
+    monkeypatch.delattr(trl_utils, "_use_triton")
+    score_labelled_positions_only()
+    assert "WARNING: trl " in capsys.readouterr().err
+
+
+def test_a_torch_that_cannot_tell_about_bf16_keeps_fp32_and_says_why(monkeypatch, capsys):
+    no_gpu_here()
+    import torch
+
+    from cotune.backends import CPU_BF16_CHECKS, choose_backend
+    from cotune.settings import resolve
+
+    for name in CPU_BF16_CHECKS:
+        monkeypatch.delattr(torch.cpu, name)
+    backend = choose_backend(resolve({"backend": "hf", "dtype": "bf16"}, environ={}, dotenv_path=Path("/nonexistent")))
+    assert (backend.dtype, backend.autocast) == ("fp32", None)
+    assert "DTYPE=bf16 ignored on the CPU (this torch has neither torch.cpu._is_amx_tile_supported nor " \
+           "torch.cpu._is_avx512_bf16_supported" in capsys.readouterr().err

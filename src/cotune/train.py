@@ -212,11 +212,19 @@ def score_labelled_positions_only() -> None:
     On the CPU nothing is compiled, and with COMPLETION_ONLY_LOSS the prompt's positions (over half of each demo
     row) would cost the vocabulary projection, its softmax statistics and their backward for nothing. The loss,
     entropy and accuracy are the same either way (ignored positions are zeroed). trl decides this in one line,
-    `compact = _use_triton(device)` in trl.trainer.utils, which this rebinds; a trl without it is left as it is."""
+    `compact = _use_triton(device)` in trl.trainer.utils, which this rebinds (private: a test pins it); a trl
+    without it trains as it is, after a WARNING."""
+    import trl
     import trl.trainer.utils as trl_utils
 
     triton = getattr(trl_utils, "_use_triton", None)
-    if triton is None or getattr(triton, "cotune_compact", False):
+    if triton is None:
+        from .errors import warn
+
+        warn(f"trl {trl.__version__} has no trl.trainer.utils._use_triton: on the CPU its loss projects every "
+             "position onto the vocabulary, the prompt's too (the same loss, a slower step)")
+        return
+    if getattr(triton, "cotune_compact", False):
         return
 
     def compact(device) -> bool:

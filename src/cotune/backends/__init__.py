@@ -32,14 +32,18 @@ def _cuda() -> tuple[bool, bool]:
     return available, available and torch.cuda.is_bf16_supported()
 
 
-def _cpu_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AMX or AVX512-BF16). Elsewhere torch emulates bf16, which is
-    slower than fp32, so DTYPE=bf16 is ignored there."""
+CPU_BF16_CHECKS = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu's, private: tests pin them
+
+
+def _cpu_bf16() -> bool | None:
+    """Whether this CPU multiplies bf16 natively (AMX or AVX512-BF16); None where this torch can't say (it has
+    neither of torch.cpu's private checks). Elsewhere torch emulates bf16, which is slower than fp32, so DTYPE=bf16
+    is ignored there."""
     import torch
 
     cpu = getattr(torch, "cpu", None)
-    checks = (getattr(cpu, "_is_amx_tile_supported", None), getattr(cpu, "_is_avx512_bf16_supported", None))
-    return any(check is not None and check() for check in checks)
+    checks = [check for name in CPU_BF16_CHECKS if (check := getattr(cpu, name, None)) is not None]
+    return any(check() for check in checks) if checks else None
 
 
 def _pick(settings: Settings, cuda: bool, world_size: int, say) -> str:
@@ -74,12 +78,18 @@ def choose_backend(settings: Settings, *, quiet: bool = False, world_size: int =
     autocast = None
     if not cuda:
         dtype = "fp32"
-        if settings.dtype == "bf16" and _cpu_bf16():
+        native = _cpu_bf16() if settings.dtype == "bf16" else False
+        if native:
             autocast = "bf16"
             say("no CUDA GPU: weights load in fp32 on the CPU (no 4-bit, no 8-bit optimizer); DTYPE=bf16: training "
                 "computes in bf16 under autocast (this CPU has native bf16); generation stays fp32")
         elif settings.dtype not in ("auto", "fp32"):
-            why = " (this CPU has no native bf16: AMX or AVX512-BF16)" if settings.dtype == "bf16" else ""
+            why = ""
+            if settings.dtype == "bf16" and native is False:
+                why = " (this CPU has no native bf16: AMX or AVX512-BF16)"
+            elif settings.dtype == "bf16":
+                why = (" (this torch has neither torch.cpu." + " nor torch.cpu.".join(CPU_BF16_CHECKS) +
+                       " to tell whether the CPU has native bf16)")
             say(f"DTYPE={settings.dtype} ignored on the CPU{why}: training and generation run in fp32")
         else:
             say("no CUDA GPU: weights load in fp32 on the CPU (no 4-bit, no 8-bit optimizer); slow beyond small models")
