@@ -342,6 +342,20 @@ def capacity_worker(args) -> None:
     Path(args.out).write_text(json.dumps(result, indent=1))
 
 
+def run_worker(args: list[str], target: Path, what: str) -> tuple[dict | None, bool]:
+    """One measurement in a fresh process (`python -m cotune.bench ARGS --out TARGET`): what it wrote to `target`,
+    if anything (a capacity worker writes after every try, so one that died still leaves its tries), and whether it
+    finished. One that didn't has the tail of its output printed, and that it FAILED."""
+    target.unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "cotune.bench", *args, "--out", str(target)],
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
+    ok = proc.returncode == 0 and target.is_file()
+    if not ok:
+        print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+        print(f"{what}: the worker FAILED (exit {proc.returncode})", flush=True)
+    return (json.loads(target.read_text()) if target.is_file() else None), ok
+
+
 def capacity(model: Path, out: Path, configs: list[str], limits: list[float], *, cap: int, start: int,
              granularity: int, rope: str, cuda: bool, steps: int = CAPACITY_STEPS,
              lengths: dict | None = None) -> list[dict]:
@@ -352,19 +366,16 @@ def capacity(model: Path, out: Path, configs: list[str], limits: list[float], *,
     results, failed_runs = [], []
 
     def worker(name, limit, target, given):
-        cmd = [sys.executable, "-m", "cotune.bench", "--capacity-worker", name, "--model", str(model), "--out",
-               str(target), "--limit-gib", str(limit), "--cap", str(cap), "--start", str(start), "--granularity",
-               str(granularity), "--rope", rope, "--steps", str(steps)] + (["--lengths", given] if given else []) + (
-                   ["--cuda"] if cuda else [])
-        target.unlink(missing_ok=True)
+        what = f"capacity {name} under {limit:g} GiB"
         began = time.monotonic()
-        proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
-        if proc.returncode != 0 or not target.is_file():
-            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-            print(f"capacity {name} under {limit:g} GiB: the worker FAILED (exit {proc.returncode})", flush=True)
+        args = ["--capacity-worker", name, "--model", str(model), "--limit-gib", str(limit), "--cap", str(cap),
+                "--start", str(start), "--granularity", str(granularity), "--rope", rope, "--steps", str(steps)]
+        args += (["--lengths", given] if given else []) + (["--cuda"] if cuda else [])
+        result, ok = run_worker(args, target, what)
+        if not ok:
             failed_runs.append(f"{name} under {limit:g} GiB")
-        print(f"capacity {name} under {limit:g} GiB: {time.monotonic() - began:.0f} s with load", flush=True)
-        return json.loads(target.read_text()) if target.is_file() else None
+        print(f"{what}: {time.monotonic() - began:.0f} s with load", flush=True)
+        return result
 
     for limit in limits:
         for name in configs:
@@ -457,19 +468,14 @@ def run_all(model: Path, out: Path, configs: list[str], steps: int, warmup: int,
     out.mkdir(parents=True, exist_ok=True)
     results, failed = {}, []
     for name in configs:
-        target = out / f"{name}.json"
-        target.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "cotune.bench", "--worker", name, "--model", str(model), "--out", str(target),
-               "--steps", str(steps), "--warmup", str(warmup), "--rows", str(rows), "--max-len", str(max_len),
-               "--median", str(median)] + (["--cuda"] if cuda else [])
         start = time.monotonic()
-        proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
-        if proc.returncode != 0 or not target.is_file():
-            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-            print(f"bench config {name} FAILED (exit {proc.returncode}); going on with the others", flush=True)
+        args = ["--worker", name, "--model", str(model), "--steps", str(steps), "--warmup", str(warmup), "--rows",
+                str(rows), "--max-len", str(max_len), "--median", str(median)] + (["--cuda"] if cuda else [])
+        result, ok = run_worker(args, out / f"{name}.json", f"bench config {name}")
+        if not ok:
             failed.append(name)
             continue
-        results[name] = json.loads(target.read_text())
+        results[name] = result
         print(f"{name}: {results[name]['real_tokens_per_s']:.0f} real tokens/s ({time.monotonic() - start:.0f} s "
               "with load)", flush=True)
     if results:
