@@ -70,7 +70,9 @@ def test_each_micro_batch_recomputes_only_what_its_own_tokens_need():
     assert fit.micro_batch_tokens > fit.tokens_without_recompute > 8 * 700
     assert QWEN3_8B.fewest_recomputed(fit.tokens_without_recompute, limit) == 0
     assert QWEN3_8B.fewest_recomputed(fit.tokens_without_recompute + 64, limit) == 1
-    assert "none up to" in fit.describe()
+    assert f"none up to {fit.tokens_without_recompute:,} tokens, at most {fit.recomputed_layers} of 36" in fit.describe()
+    plain = choose(QWEN3_8B, 80 * GiB, 8, LOGNORMAL, padding_free=True, may_recompute=False)
+    assert "no layer recomputes" in plain.describe()
 
 
 def test_the_hook_sets_each_micro_batchs_recompute_on_the_real_layers():
@@ -104,14 +106,22 @@ def test_the_hook_sets_each_micro_batchs_recompute_on_the_real_layers():
         model(input_ids=ids, labels=ids).loss.backward()
         counts.append(sum(layer.gradient_checkpointing for layer in layers))
     assert counts == [0, plan.recomputed_layers, 0]
+    with torch.no_grad():  # the token count from positional ids and from embeddings too
+        keep.on_step_begin(None, state, None)
+        model(torch.randint(3, 1000, (1, 40)))
+        assert sum(layer.gradient_checkpointing for layer in layers) == 0
+        keep.on_step_begin(None, state, None)
+        model(inputs_embeds=model.get_input_embeddings()(torch.randint(3, 1000, (2, 100))))
+        assert sum(layer.gradient_checkpointing for layer in layers) == plan.recomputed_layers
     model.eval()
     model(input_ids=torch.randint(3, 1000, (1, 8)))  # not training: not counted
     state.global_step = 3
     keep.on_train_end(None, state, None)
-    assert fit["micro_batches_by_recomputed_layers"] == {"0": 2, str(plan.recomputed_layers): 1}
+    assert fit["micro_batches_by_recomputed_layers"] == {"0": 3, str(plan.recomputed_layers): 2}
+    assert fit["counted_from_step"] == 0
     model.train()
     model(input_ids=torch.randint(3, 1000, (1, 8)))  # the hook is gone after training: not counted
-    assert fit["micro_batches_by_recomputed_layers"] == {"0": 2, str(plan.recomputed_layers): 1}
+    assert fit["micro_batches_by_recomputed_layers"] == {"0": 3, str(plan.recomputed_layers): 2}
 
 
 def test_a_card_too_small_for_one_row_is_refused_in_one_line():
@@ -226,5 +236,7 @@ def test_on_a_gpu_the_probe_measures_and_the_fit_keeps_the_sequences_per_step(tm
     torch.cuda.reset_peak_memory_stats()
     SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok,
                callbacks=keep_recomputed(model, fit)).train()
-    assert sum(fit["micro_batches_by_recomputed_layers"].values()) == 3 * fitted.grad_accum
-    assert torch.cuda.max_memory_allocated() <= 4 * GiB
+    counted = {int(k): v for k, v in fit["micro_batches_by_recomputed_layers"].items()}
+    assert sum(counted.values()) == 3 * fitted.grad_accum and max(counted) <= fit["recomputed_layers"]
+    # the prediction is for the longest micro-batch the rows can make: no micro-batch of these rows goes beyond it
+    assert torch.cuda.max_memory_allocated() <= fit["predicted_peak_gib"] * GiB

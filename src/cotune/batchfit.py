@@ -16,9 +16,10 @@ layers recompute is decided again before each micro-batch from its own tokens, s
 nothing and only the few long ones pay for it."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 
-from .errors import UserError
+from .errors import UserError, warn
 
 GiB = 2**30
 HEADROOM = 0.92  # share of the budget a plan may fill: allocator fragmentation and kernels' scratch space
@@ -60,11 +61,13 @@ class Fit:
     tokens_without_recompute: int = 0  # a micro-batch up to this many tokens recomputes no layer
 
     def describe(self) -> str:
-        return (f"{self.micro_batch} x {self.grad_accum}; before each micro-batch, the fewest layers recompute their "
-                f"activations that let its tokens fit: none up to {self.tokens_without_recompute:,} tokens, "
-                f"{self.recomputed_layers} of {self.layers} for the longest micro-batch this data can make "
-                f"({self.micro_batch_tokens:,} tokens; predicted peak {self.predicted_peak_gib:.1f} GiB of a "
-                f"{self.budget_gib:.1f} GiB budget)")
+        longest = (f"the longest micro-batch this data can make: {self.micro_batch_tokens:,} tokens; predicted peak "
+                   f"{self.predicted_peak_gib:.1f} GiB of a {self.budget_gib:.1f} GiB budget")
+        if not self.recomputed_layers:
+            return f"{self.micro_batch} x {self.grad_accum}, no layer recomputes its activations ({longest})"
+        return (f"{self.micro_batch} x {self.grad_accum}; layers recomputing their activations, per micro-batch by "
+                f"its tokens: none up to {self.tokens_without_recompute:,} tokens, at most {self.recomputed_layers} "
+                f"of {self.layers} ({longest})")
 
     def record(self) -> dict:
         return asdict(self)
@@ -173,8 +176,6 @@ def measure(model, layers: list, probe_tokens: int, device_index: int, vocab: in
 def memory_budget(settings, backend, device_index: int = 0, warn_=None) -> float | None:
     """Apply GPU_MEMORY_LIMIT_GIB (before the model loads, so that loading keeps to it too); the bytes this process
     may use on its GPU, None on the CPU."""
-    from .errors import warn
-
     if backend.device != "cuda":
         if settings.gpu_memory_limit_gib:
             (warn_ or warn)(f"GPU_MEMORY_LIMIT_GIB={settings.gpu_memory_limit_gib:g} ignored: no CUDA GPU")
@@ -187,8 +188,6 @@ def fit_batch(settings, backend, model, lengths: list[int], budget_bytes: float 
     """(settings with the fitted BATCH_SIZE and GRAD_ACCUM, the fit's record or None, why none): BATCH_FIT=auto on
     one CUDA process, the model loaded as trained; elsewhere the settings as they are, with a WARNING saying why.
     `lengths`: the training rows' tokens."""
-    from .errors import warn
-
     warn_ = warn_ or warn
     if settings.batch_fit != "auto":
         return settings, None, "BATCH_FIT=off"
@@ -231,14 +230,11 @@ def keep_recomputed(model, fit: dict | None) -> list:
     """The trainer callbacks a fit needs (none without one). Trainers and Unsloth switch checkpointing on for every
     layer when training starts; at every step the callback sets the fitted count for the longest micro-batch, and a
     hook before each training forward pass lowers it to what that micro-batch's own tokens need. At the end of
-    training the fit's record gains how many micro-batches recomputed how many layers."""
+    training the fit's record gains how many micro-batches recomputed how many layers (from the step this run
+    started at: a resumed run counts its own part)."""
     if fit is None:
         return []
-    from collections import Counter
-
     from transformers import TrainerCallback
-
-    from .errors import warn
 
     layers, worst = checkpointing_layers(model), fit["recomputed_layers"]
     memory = MemoryModel(**fit["memory_model"])
@@ -259,9 +255,12 @@ def keep_recomputed(model, fit: dict | None) -> list:
 
     class Keep(TrainerCallback):
         hook = None
+        first_step = 0
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.hook = model.register_forward_pre_hook(before_forward, with_kwargs=True)
+            self.first_step = state.global_step
+            if self.hook is None:
+                self.hook = model.register_forward_pre_hook(before_forward, with_kwargs=True)
 
         def on_step_begin(self, args, state, control, **kwargs):
             set_recomputed(layers, worst)
@@ -269,9 +268,11 @@ def keep_recomputed(model, fit: dict | None) -> list:
         def on_train_end(self, args, state, control, **kwargs):
             if self.hook is not None:
                 self.hook.remove()
-            if state.global_step and not seen:
+                self.hook = None
+            if state.global_step > self.first_step and not seen:
                 warn(f"BATCH_FIT=auto: no training forward pass was seen, so every micro-batch recomputed {worst} of "
                      f"{len(layers)} layers (the longest micro-batch's count)")
             fit["micro_batches_by_recomputed_layers"] = {str(k): v for k, v in sorted(seen.items())}
+            fit["counted_from_step"] = self.first_step
 
     return [Keep()]
