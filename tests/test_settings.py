@@ -407,3 +407,31 @@ def test_a_verify_report_of_other_content_makes_verify_stale(tmp_path):
     assert stale(stamp(tmp_path, run, "verify"), report)
     report = record_stage(run, "verify", {}, q8_sha256="a" * 64)
     assert not stale(stamp(tmp_path, run, "verify"), report)
+
+
+def test_a_record_older_than_a_new_setting_stays_current(tmp_path):
+    """A stage finished by a cotune that had no TILED_MLP yet (its record lacks the name) is current under this one
+    when the setting is at its default, which is what that cotune did; set otherwise, train is stale. The train
+    stage's own fingerprint reads the same way, so the finished training is not refused either."""
+    import json
+
+    from cotune.train import finished_run, training_fingerprint
+
+    run = tmp_path / "run"
+    record = record_stage(run, "train", {})
+    data = json.loads(record.read_text())
+    del data["stage_fingerprint"]["settings"]["tiled_mlp"]
+    record.write_text(json.dumps(data))
+    assert not stale(stamp(tmp_path, run, "train"), record)
+    assert stale(stamp(tmp_path, run, "train", TILED_MLP="true"), record)
+
+    settings = resolve({"run_dir": str(run)}, environ={}, dotenv_path=NO_DOTENV)
+    for name in ("train.jsonl", "eval.jsonl"):
+        (run / "data").mkdir(exist_ok=True)
+        (run / "data" / name).write_text("{}\n")
+    old = training_fingerprint(settings)
+    del old["settings"]["tiled_mlp"]
+    (run / "train" / "fingerprint.json").write_text(json.dumps(old))
+    assert finished_run(settings, training_fingerprint(settings)) is not None
+    tiled = resolve({"run_dir": str(run), "tiled_mlp": "true"}, environ={}, dotenv_path=NO_DOTENV)
+    assert finished_run(tiled, training_fingerprint(tiled)) is None

@@ -158,7 +158,9 @@ def recorded_fingerprint(run: Path, stage: str) -> dict | None:
         record = json.loads(path.read_text(encoding="utf-8"))
     except ValueError:
         return None
-    found = record.get("stage_fingerprint")
+    from .settings import with_later_settings
+
+    found = with_later_settings(record.get("stage_fingerprint"), stage)
     if stage == "verify" and found is not None:
         found = {**found, "gguf_sha256": record.get("sha256")}
     return found

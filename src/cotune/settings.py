@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import re
@@ -321,10 +322,11 @@ class Settings:
     # --- training ---
     batch_size: int = _setting(2, "per-device micro-batch (sequences)", "train", check=_positive)
     grad_accum: int = _setting(4, "micro-batches per optimizer step", "train", check=_positive)
-    batch_fit: str = _setting("off", "auto (GPU): pick the micro-batch, accumulation and how many layers recompute "
-                                     "their activations that run fastest in this card's memory, from a measured "
-                                     "probe and the longest training rows, keeping BATCH_SIZE x GRAD_ACCUM sequences "
-                                     "per step; off: as set", "train", choices=("off", "auto"))
+    batch_fit: str = _setting("off", "auto (GPU): pick the micro-batch and accumulation that run fastest in this "
+                                     "card's memory, from a measured probe and the longest training rows, keeping "
+                                     "BATCH_SIZE x GRAD_ACCUM sequences per step, and before each micro-batch how "
+                                     "many layers recompute their activations for its tokens; off: as set", "train",
+                              choices=("off", "auto"))
     warmup_steps: int = _setting(5, "linear warm-up steps", "train", check=_non_negative)
     max_steps: int = _setting(75, "optimizer steps", "train", check=_positive)
     learning_rate: float = _setting(2e-4, "peak learning rate", "train", check=_learning_rate)
@@ -387,6 +389,20 @@ class Settings:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def with_later_settings(recorded: dict | None, stage: str) -> dict | None:
+    """A recorded fingerprint (its "settings" by name) as this version would write it: a setting of `stage` added
+    since the record was made reads as its default, which is what the version that wrote it did. So a finished stage
+    or a checkpoint stays current across an upgrade that only adds settings."""
+    if not recorded or not isinstance(recorded.get("settings"), dict):
+        return recorded
+    def default(name):
+        f = FIELDS[name]
+        return json.loads(json.dumps(f.default_factory() if f.default is dataclasses.MISSING else f.default))
+
+    missing = {name: default(name) for name in STAGE_SETTINGS[stage] if name not in recorded["settings"]}
+    return {**recorded, "settings": {**recorded["settings"], **missing}} if missing else recorded
 
 # Which settings decide which stage: each stage lists what it reads itself. A stage reruns when one of these
 # changed, or when a stage it reads from produced new outputs (Make follows the files), so a training-only setting

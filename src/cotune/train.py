@@ -14,7 +14,7 @@ from pathlib import Path
 from .distributed import Layout
 from .errors import UserError, warn
 from .files import atomic_path, sha256_file, write_json_atomic, write_run_record
-from .settings import Settings
+from .settings import Settings, with_later_settings
 
 
 def training_fingerprint(settings: Settings) -> dict:
@@ -40,7 +40,7 @@ def check_previous_run(settings: Settings, fingerprint: dict, world_size: int = 
                             ("checkpoints", checkpoints / "fingerprint.json")):
         if not recorded.is_file():
             continue
-        old = json.loads(recorded.read_text())
+        old = with_later_settings(json.loads(recorded.read_text()), "train")
         if old == fingerprint:
             continue
         if settings.overwrite:
@@ -189,7 +189,7 @@ def finished_run(settings: Settings, fingerprint: dict) -> dict | None:
     """The record of a training already finished with these settings and data (touched, so make sees it current)."""
     out = settings.stage_dir("train")
     if (out / "run.json").is_file() and (out / "fingerprint.json").is_file() and \
-            json.loads((out / "fingerprint.json").read_text()) == fingerprint:
+            with_later_settings(json.loads((out / "fingerprint.json").read_text()), "train") == fingerprint:
         print(f"{out}: already trained with these settings and data; nothing to do")
         (out / "run.json").touch()
         return json.loads((out / "run.json").read_text())
