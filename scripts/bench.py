@@ -12,7 +12,8 @@ machine with 2 or more GPUs does this after the single-GPU configurations; `--sm
 
 `--capacity` finds, for cotune and the plain stack, the longest single sequence that trains a few steps under each
 memory limit (`--limits 24,80` GiB; on a CPU `--smoke` the limit is address space beyond the loaded model), by
-bisection in one process, each result confirmed in a fresh one: RUN_DIR/bench/capacity.json and capacity.md.
+bisection in one process (or over the lengths `--lengths CONFIG=N,N` gives), each result confirmed in a fresh one:
+RUN_DIR/bench/capacity.json and capacity.md.
 
 `--gguf FILE` instead times prompt processing and decoding of a GGUF through llama-cpp-python (on the GPU when the
 build offloads, else on the CPU; `--cpu` forces the CPU): RUN_DIR/bench/decode-<name>.json.
