@@ -34,6 +34,9 @@ def main(argv=None):
     parser.add_argument("--configs", default=None, help="comma-separated subset of the configurations")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per configuration [20; 4 smoke]")
     parser.add_argument("--warmup", type=int, default=None, help="first steps not timed [3; 1 smoke]")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile 2 optimizer steps after the timed ones: bench/CONFIG-profile.txt, the "
+                             "operators that took the most GPU (or CPU) time")
     parser.add_argument("--ddp", action="store_true", help="only the 1-vs-N processes comparison (DDP)")
     parser.add_argument("--ddp-budget", type=float, default=0,
                         help="with --ddp: seconds per run (1 and N processes) after which no new plan starts [none]")
@@ -95,7 +98,7 @@ def main(argv=None):
     steps, warmup = args.steps or (4 if args.smoke else 20), args.warmup if args.warmup is not None else (1 if args.smoke else 3)
     rows, max_len, median = (32, 128, 64) if args.smoke else (400, 2048, 700)
     if not args.ddp:
-        run_all(model, out, configs, steps, warmup, rows, max_len, median, cuda)
+        run_all(model, out, configs, steps, warmup, rows, max_len, median, cuda, profile=args.profile)
         print((out / "bench.md").read_text())
     gpus = visible_gpus()
     if args.ddp or (gpus >= 2 and not args.configs):

@@ -7,16 +7,22 @@ from conftest import run_script, script_env
 
 
 def test_bench_smoke_writes_figures_and_a_table(tmp_path):
-    proc = run_script("bench", "--smoke", "--run-dir", str(tmp_path), env=script_env(tmp_path), timeout=600)
+    """The harness on the CPU, with --profile: 2 more steps after the timed ones are profiled, and only the timed
+    steps count in the figures."""
+    proc = run_script("bench", "--smoke", "--profile", "--run-dir", str(tmp_path), env=script_env(tmp_path),
+                      timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((tmp_path / "bench" / "bench.json").read_text())
     (r,) = results
     assert r["config"] == "plain-reference" and r["backend"] == "hf"
     assert r["steps_timed"] == 3 and r["warmup_steps_excluded"] == 1
     assert r["real_tokens_per_s"] > 0 and r["median_step_s"] > 0 and r["n_params"] > 1e6
-    assert len(r["losses"]) == 4 and all(l > 0 for l in r["losses"])
+    assert len(r["losses"]) == 4 + 2 and all(l > 0 for l in r["losses"])  # the timed steps, then the profiled ones
     table = (tmp_path / "bench" / "bench.md").read_text()
     assert table.startswith("Device: CPU.") and "| plain-reference | 2 x 4 |" in table
+    profile = (tmp_path / "bench" / "plain-reference-profile.txt").read_text()
+    assert profile.startswith("2 optimizer steps from step 5, sorted by self_cpu_time_total")
+    assert "aten::mm" in profile and "Self CPU" in profile
 
 
 def test_bench_refuses_the_gpu_run_without_a_gpu(tmp_path):

@@ -121,6 +121,38 @@ def step_timer(steps: list[dict], cuda: bool):
     return Timer
 
 
+PROFILE_STEPS = 2  # optimizer steps profiled after the timed ones (--profile), never part of the timing
+
+
+def step_profiler(out: Path, first_step: int, cuda: bool):
+    """A trainer callback that runs torch.profiler over PROFILE_STEPS optimizer steps from `first_step` on and writes
+    the operators that took the most time (on the GPU where there is one, else on the CPU) to `out`."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    class Profiler(TrainerCallback):
+        prof = None
+
+        def on_step_begin(self, a, state, control, **kw):
+            if state.global_step == first_step and self.prof is None:
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+                self.prof = profile(activities=activities)
+                self.prof.__enter__()
+
+        def on_step_end(self, a, state, control, **kw):
+            if self.prof is not None and state.global_step == first_step + PROFILE_STEPS:
+                if cuda:
+                    torch.cuda.synchronize()
+                self.prof.__exit__(None, None, None)
+                key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+                out.write_text(f"{PROFILE_STEPS} optimizer steps from step {first_step + 1}, sorted by {key}\n" +
+                               self.prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
+                self.prof = None
+
+    return Profiler
+
+
 def worker(args) -> dict:
     """One configuration, in this process: load, train `steps` optimizer steps, time all but the warm-up."""
     backend_name, overrides, description = CONFIGS[args.config]
@@ -142,8 +174,9 @@ def worker(args) -> dict:
     from .settings import resolve
     from .train import sft_config
 
-    cli = {"base_model": args.model, "backend": backend_name, "max_steps": str(args.steps), "warmup_steps": "0",
-           "max_seq_length": str(args.max_len)}
+    profiled = PROFILE_STEPS if args.profile else 0  # after the timed steps, so that they time as without it
+    cli = {"base_model": args.model, "backend": backend_name, "max_steps": str(args.steps + profiled),
+           "warmup_steps": "0", "max_seq_length": str(args.max_len)}
     if not args.cuda:
         cli.update({"load_in_4bit": "false", "gradient_checkpointing": "false", "optim": "adamw_torch"})
     cli.update({k: str(v) for k, v in overrides.items()})
@@ -160,6 +193,8 @@ def worker(args) -> dict:
     steps: list[dict] = []
     Timer = step_timer(steps, args.cuda)
     callbacks = [Timer(), *keep_recomputed(model, fit)]
+    if args.profile:
+        callbacks.append(step_profiler(Path(args.out).with_name(f"{args.config}-profile.txt"), args.steps, args.cuda)())
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          callbacks=callbacks)
     if args.cuda:
@@ -168,7 +203,7 @@ def worker(args) -> dict:
             trainer.train()
     else:
         trainer.train()
-    timed = steps[args.warmup:]
+    timed = steps[args.warmup:args.steps]
     tokens, seconds = sum(s["tokens"] for s in timed), sum(s["seconds"] for s in timed)
     base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
     n_params = count_parameters(Path(args.model))  # the checkpoint's own weights, LoRA adapters not counted
@@ -461,7 +496,7 @@ def markdown_table(results: list[dict]) -> str:
 
 
 def run_all(model: Path, out: Path, configs: list[str], steps: int, warmup: int, rows: int, max_len: int,
-            median: int, cuda: bool) -> list[dict]:
+            median: int, cuda: bool, profile: bool = False) -> list[dict]:
     """Each configuration in a fresh process, one after the other. A configuration that fails (out of memory, say)
     is reported and the rest still run. Results of other configurations already in `out` join the table only when
     they were measured on this very GPU (same UUID) with the same steps and data."""
@@ -470,7 +505,8 @@ def run_all(model: Path, out: Path, configs: list[str], steps: int, warmup: int,
     for name in configs:
         start = time.monotonic()
         args = ["--worker", name, "--model", str(model), "--steps", str(steps), "--warmup", str(warmup), "--rows",
-                str(rows), "--max-len", str(max_len), "--median", str(median)] + (["--cuda"] if cuda else [])
+                str(rows), "--max-len", str(max_len), "--median", str(median)] + (["--cuda"] if cuda else []) + (
+                    ["--profile"] if profile else [])
         result, ok = run_worker(args, out / f"{name}.json", f"bench config {name}")
         if not ok:
             failed.append(name)
@@ -785,6 +821,7 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=2048)
     p.add_argument("--median", type=int, default=700)
     p.add_argument("--cuda", action="store_true")
+    p.add_argument("--profile", action="store_true", help="(--worker) profile PROFILE_STEPS steps after the timed ones")
     args = p.parse_args()
     if args.capacity_worker:
         capacity_worker(args)
