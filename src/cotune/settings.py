@@ -391,17 +391,20 @@ class Settings:
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
+def field_default(name: str) -> Any:
+    """A setting's default value (a fresh list for the list-valued ones)."""
+    f = FIELDS[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def with_later_settings(recorded: dict | None, stage: str) -> dict | None:
     """A recorded fingerprint (its "settings" by name) as this version would write it: a setting of `stage` added
     since the record was made reads as its default, which is what the version that wrote it did. So a finished stage
     or a checkpoint stays current across an upgrade that only adds settings."""
     if not recorded or not isinstance(recorded.get("settings"), dict):
         return recorded
-    def default(name):
-        f = FIELDS[name]
-        return json.loads(json.dumps(f.default_factory() if f.default is dataclasses.MISSING else f.default))
-
-    missing = {name: default(name) for name in STAGE_SETTINGS[stage] if name not in recorded["settings"]}
+    missing = {name: json.loads(json.dumps(field_default(name))) for name in STAGE_SETTINGS[stage]
+               if name not in recorded["settings"]}
     return {**recorded, "settings": {**recorded["settings"], **missing}} if missing else recorded
 
 # Which settings decide which stage: each stage lists what it reads itself. A stage reruns when one of these
@@ -722,8 +725,7 @@ def resolve(cli: dict[str, Any] | None = None, *, environ: dict[str, str] | None
         unparsed.add("preset")
         preset = ""
 
-    values = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
-              for f in FIELDS.values()}
+    values = {name: field_default(name) for name in FIELDS}
     values.update(PRESETS.get(preset, {}))
     for name, (source, value) in raw.items():
         if name in unparsed:
@@ -745,7 +747,7 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     for name, f in FIELDS.items():
         if f.metadata["secret"]:
             continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = field_default(name)
         shown = ",".join(default) if isinstance(default, list) else default
         group.add_argument(flag_name(name), dest=name, default=None, metavar=env_name(name),
                            help=f"{f.metadata['help']} [default: {shown!r}]")
@@ -766,7 +768,7 @@ def example_env() -> str:
         if f.metadata["group"] != current:
             current = f.metadata["group"]
             lines.append(f"# --- {current} ---")
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = field_default(name)
         if isinstance(default, bool):
             default = "true" if default else "false"
         elif isinstance(default, list):
