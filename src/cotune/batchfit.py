@@ -87,11 +87,11 @@ def choose(model: MemoryModel, budget_bytes: float, sequences: int, lengths: lis
     limit = budget_bytes * HEADROOM
     for micro in [m for m in range(sequences, 0, -1) if sequences % m == 0]:
         tokens = micro_batch_tokens(lengths, micro, padding_free)
-        for recomputed in (range(model.layers + 1) if may_recompute else (0,)):
-            peak = model.peak(tokens, recomputed)
-            if peak <= limit:
-                return Fit(micro, sequences // micro, recomputed, model.layers, tokens, peak / GiB,
-                           budget_bytes / GiB, min(tokens, model.tokens_without_recompute(limit)))
+        recomputed = model.fewest_recomputed(tokens, limit) if may_recompute else 0
+        peak = model.peak(tokens, recomputed)
+        if peak <= limit:
+            return Fit(micro, sequences // micro, recomputed, model.layers, tokens, peak / GiB, budget_bytes / GiB,
+                       min(tokens, model.tokens_without_recompute(limit)))
     longest = max(lengths) if lengths else 0
     least = model.peak(longest, model.layers if may_recompute else 0)
     raise UserError(f"BATCH_FIT=auto: one sequence of the longest training row ({longest:,} tokens) needs about "

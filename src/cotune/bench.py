@@ -138,13 +138,13 @@ def step_profiler(out: Path, first_step: int, cuda: bool):
             if state.global_step == first_step and self.prof is None:
                 activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
                 self.prof = profile(activities=activities)
-                self.prof.__enter__()
+                self.prof.start()
 
         def on_step_end(self, a, state, control, **kw):
             if self.prof is not None and state.global_step == first_step + PROFILE_STEPS:
                 if cuda:
                     torch.cuda.synchronize()
-                self.prof.__exit__(None, None, None)
+                self.prof.stop()
                 key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
                 out.write_text(f"{PROFILE_STEPS} optimizer steps from step {first_step + 1}, sorted by {key}\n" +
                                self.prof.key_averages().table(sort_by=key, row_limit=40) + "\n")

@@ -219,8 +219,6 @@ def score_labelled_positions_only() -> None:
 
     triton = getattr(trl_utils, "_use_triton", None)
     if triton is None:
-        from .errors import warn
-
         warn(f"trl {trl.__version__} has no trl.trainer.utils._use_triton: on the CPU its loss projects every "
              "position onto the vocabulary, the prompt's too (the same loss, a slower step)")
         return
