@@ -1,6 +1,7 @@
 """BATCH_FIT=auto's choice for given memory sizes and row lengths (the rule itself, on numbers like Qwen3-8B's on
 one card), what it does where there is nothing to fit, and ROPE_SCALING through the real loader and converter."""
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -92,8 +93,7 @@ def test_the_hook_sets_each_micro_batchs_recompute_on_the_real_layers():
     memory = MemoryModel(GiB, 2**20, 0.1 * 2**20, len(layers))
     plan = choose(memory, (GiB + 100 * 2**20) / HEADROOM, 2, [100, 100, 32, 32], padding_free=False,
                   may_recompute=True)
-    fit = {**plan.record(), "memory_model": {"fixed_bytes": GiB, "full_bytes_per_token": 2**20,
-                                             "ckpt_bytes_per_token": 0.1 * 2**20, "layers": len(layers)}}
+    fit = {**plan.record(), "memory_model": asdict(memory)}  # as fit_batch records it
     assert plan.micro_batch == 2 and 0 < plan.recomputed_layers < len(layers)
     [keep] = keep_recomputed(model, fit)
     state = TrainerState()
