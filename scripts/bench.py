@@ -32,7 +32,8 @@ def main(argv=None):
     parser.add_argument("--model", type=Path, default=None, help="an existing model folder instead of building one")
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer for the random model [embedded SmolLM2's]")
     parser.add_argument("--configs", default=None, help="comma-separated subset of the configurations")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per configuration [20; 4 smoke]")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps per configuration [20; 4 smoke], or per length with --capacity [3]")
     parser.add_argument("--warmup", type=int, default=None, help="first steps not timed [3; 1 smoke]")
     parser.add_argument("--profile", action="store_true",
                         help="also profile 2 optimizer steps after the timed ones: bench/CONFIG-profile.txt, the "
@@ -61,7 +62,8 @@ def main(argv=None):
 
     import torch
 
-    from cotune.bench import CAPACITY_CONFIGS, CONFIGS, DEFAULT_CONFIGS, capacity, capacity_table, ddp_comparison, run_all
+    from cotune.bench import (CAPACITY_CONFIGS, CAPACITY_STEPS, CONFIGS, DEFAULT_CONFIGS, capacity, capacity_table,
+                              ddp_comparison, run_all)
     from cotune.distributed import visible_gpus
     from cotune.models import resolve_model_path
     from cotune.randmodel import build
@@ -92,7 +94,7 @@ def main(argv=None):
         lengths = dict(item.split("=", 1) for item in args.lengths)
         results = capacity(model, out, configs, [float(v) for v in args.limits.split(",")], cap=args.cap,
                            start=args.start, granularity=args.granularity, rope=args.rope, cuda=cuda,
-                           lengths=lengths)
+                           lengths=lengths, steps=args.steps or CAPACITY_STEPS)
         print(capacity_table(results))
         return
     steps, warmup = args.steps or (4 if args.smoke else 20), args.warmup if args.warmup is not None else (1 if args.smoke else 3)

@@ -1,5 +1,6 @@
 """The benchmark harness, in its CPU smoke mode: real processes, a real (tiny, random) model, real training steps."""
 import json
+import re
 
 import pytest
 
@@ -21,7 +22,8 @@ def test_bench_smoke_writes_figures_and_a_table(tmp_path):
     table = (tmp_path / "bench" / "bench.md").read_text()
     assert table.startswith("Device: CPU.") and "| plain-reference | 2 x 4 |" in table
     profile = (tmp_path / "bench" / "plain-reference-profile.txt").read_text()
-    assert profile.startswith("2 optimizer steps from step 5, sorted by self_cpu_time_total")
+    assert re.match(r"2 optimizer steps from step 5: [0-9.]+ s wall, [0-9.]+ s of CPU operator time \(\d+%\); "
+                    r"sorted by self_cpu_time_total", profile), profile.splitlines()[0]
     assert "aten::mm" in profile and "Self CPU" in profile
 
 
@@ -95,6 +97,18 @@ def test_the_capacity_search_doubles_then_halves_the_gap():
     while (n := next_length(tried, 1024, 4096, 512)) is not None:  # everything fits: stops at the cap
         tried[n] = True
     assert sorted(tried) == [1024, 2048, 4096]
+
+
+def test_a_length_counts_without_a_second_process_only_if_nothing_ran_out_before_it():
+    from cotune.bench import fresh_longest
+
+    ok = lambda n: {"length": n, "ok": True}  # noqa: E731
+    out = lambda n: {"length": n, "ok": False}  # noqa: E731
+    assert fresh_longest([ok(8192), ok(16384)]) == {"length": 16384, "ok": True}
+    assert fresh_longest([ok(16384), ok(8192)])["length"] == 16384  # --lengths need not be sorted
+    assert fresh_longest([ok(16384), out(32768)])["length"] == 16384  # ran out only after it
+    assert fresh_longest([ok(8192), out(32768), ok(16384)]) is None  # trained after a recovery: confirm it
+    assert fresh_longest([out(8192)]) is None and fresh_longest([]) is None
 
 
 @pytest.mark.slow

@@ -128,6 +128,7 @@ def step_profiler(out: Path, first_step: int, cuda: bool):
     """A trainer callback that runs torch.profiler over PROFILE_STEPS optimizer steps from `first_step` on and writes
     the operators that took the most time (on the GPU where there is one, else on the CPU) to `out`."""
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
@@ -138,6 +139,9 @@ def step_profiler(out: Path, first_step: int, cuda: bool):
             if state.global_step == first_step and self.prof is None:
                 activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
                 self.prof = profile(activities=activities)
+                if cuda:
+                    torch.cuda.synchronize()
+                self.t0 = time.perf_counter()
                 self.prof.start()
 
         def on_step_end(self, a, state, control, **kw):
@@ -145,9 +149,16 @@ def step_profiler(out: Path, first_step: int, cuda: bool):
                 if cuda:
                     torch.cuda.synchronize()
                 self.prof.stop()
-                key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-                out.write_text(f"{PROFILE_STEPS} optimizer steps from step {first_step + 1}, sorted by {key}\n" +
-                               self.prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
+                wall = time.perf_counter() - self.t0
+                key = "self_device_time_total" if cuda else "self_cpu_time_total"
+                table = self.prof.key_averages()
+                # what the device worked: its own events (kernels, copies), as the table's footer adds them up
+                busy = sum(e.self_device_time_total for e in table if e.device_type == DeviceType.CUDA and
+                           not e.is_user_annotation) if cuda else sum(e.self_cpu_time_total for e in table)
+                busy /= 1e6
+                out.write_text(f"{PROFILE_STEPS} optimizer steps from step {first_step + 1}: {wall:.2f} s wall, "
+                               f"{busy:.2f} s of {'GPU' if cuda else 'CPU'} operator time ({busy / wall:.0%}); "
+                               f"sorted by {key}\n" + table.table(sort_by=key, row_limit=40) + "\n")
                 self.prof = None
 
     return Profiler
@@ -391,6 +402,17 @@ def run_worker(args: list[str], target: Path, what: str) -> tuple[dict | None, b
     return (json.loads(target.read_text()) if target.is_file() else None), ok
 
 
+def fresh_longest(tries: list[dict]) -> dict | None:
+    """The longest try that trained, with its length, if nothing ran out of memory before it in its process: then
+    nothing had been recovered from, and that process was as fresh as a new one would be. Else None: it must train
+    again in a fresh process to count."""
+    passed = [i for i, t in enumerate(tries) if t["ok"]]
+    if not passed:
+        return None
+    at = max(passed, key=lambda i: tries[i]["length"])
+    return {"length": tries[at]["length"], **tries[at]} if all(t["ok"] for t in tries[:at]) else None
+
+
 def capacity(model: Path, out: Path, configs: list[str], limits: list[float], *, cap: int, start: int,
              granularity: int, rope: str, cuda: bool, steps: int = CAPACITY_STEPS,
              lengths: dict | None = None) -> list[dict]:
@@ -417,9 +439,10 @@ def capacity(model: Path, out: Path, configs: list[str], limits: list[float], *,
             tag = f"{name}-{limit:g}g"
             search = worker(name, limit, out / f"capacity-{tag}.json", (lengths or {}).get(name))
             # from the tries themselves: a worker that died after some tries still wrote them
-            longest = max((t["length"] for t in (search or {}).get("tries", []) if t["ok"]), default=None)
-            confirmed = None
-            for candidate in ([longest, longest - granularity] if longest else []):
+            tries = (search or {}).get("tries", [])
+            longest = max((t["length"] for t in tries if t["ok"]), default=None)
+            confirmed = fresh_longest(tries)
+            for candidate in ([longest, longest - granularity] if longest and not confirmed else []):
                 if candidate <= 0:
                     break
                 again = worker(name, limit, out / f"capacity-{tag}-confirm.json", str(candidate))
@@ -427,9 +450,10 @@ def capacity(model: Path, out: Path, configs: list[str], limits: list[float], *,
                     confirmed = {"length": candidate, **again["tries"][-1]}
                     break
             failed = [t["length"] for t in (search or {}).get("tries", []) if not t["ok"]]
-            results.append({"config": name, "limit_gib": limit, "description": CAPACITY_CONFIGS[name][2],
+            results.append({"config": name, "limit_gib": limit, "description": CAPACITY_CONFIGS[name][2], "steps": steps,
                             "longest_confirmed": confirmed and confirmed["length"],
                             "shortest_failed": min(failed, default=None), "confirm": confirmed,
+                            "given_lengths": (lengths or {}).get(name),
                             "search": search and search["tries"], "rope_scaling": rope, "cap": cap,
                             "gpu": search and search.get("gpu")})
             (out / "capacity.json").write_text(json.dumps(results, indent=1))
@@ -443,9 +467,12 @@ def capacity(model: Path, out: Path, configs: list[str], limits: list[float], *,
 def capacity_table(results: list[dict]) -> str:
     gpu = next((r["gpu"] for r in results if r.get("gpu")), None) or "CPU"
     f = lambda v, d=2: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
-    lines = [f"Device: {gpu}. Random weights; one sequence per step (batch 1), {CAPACITY_STEPS} steps per length; "
-             f"ROPE_SCALING={results[0]['rope_scaling'] or 'none'}; lengths searched up to {results[0]['cap']:,}. A "
-             "length counts once it trained again in a fresh process.", "",
+    lines = [f"Device: {gpu}. Random weights; one sequence per step (batch 1), "
+             f"{results[0].get('steps', CAPACITY_STEPS)} steps per length; "
+             f"ROPE_SCALING={results[0]['rope_scaling'] or 'none'}; lengths searched up to {results[0]['cap']:,} (or only "
+             "those given). A "
+             "length counts once it trained in a process where nothing had run out of memory before it (else it is "
+             "trained again in a fresh one).", "",
              "| config | memory limit (GiB) | longest trained (tokens) | shortest that ran out | vs plain | "
              "median step at longest (s) | peak allocated at longest (GiB) |", "|---|---|---|---|---|---|---|"]
     plain = {r["limit_gib"]: r["longest_confirmed"] for r in results if r["config"].startswith("plain")}
@@ -453,7 +480,8 @@ def capacity_table(results: list[dict]) -> str:
         c = r["confirm"] or {}
         steps = c.get("step_seconds") or []
         base = plain.get(r["limit_gib"])
-        failed = f"{r['shortest_failed']:,}" if r["shortest_failed"] else f"none up to {r['cap']:,}"
+        failed = f"{r['shortest_failed']:,}" if r["shortest_failed"] else (
+            f"none of {r['given_lengths']}" if r.get("given_lengths") else f"none up to {r['cap']:,}")
         lines.append(f"| {r['config']} | {r['limit_gib']:g} | {r['longest_confirmed'] or 'none'} | {failed} | "
                      f"{f(r['longest_confirmed'] / base) + 'x' if base and r['longest_confirmed'] else 'n/a'} | "
                      f"{f(statistics.median(steps[1:]) if len(steps) > 1 else None)} | "
