@@ -108,6 +108,7 @@ def test_a_length_counts_without_a_second_process_only_if_nothing_ran_out_before
     assert fresh_longest([ok(16384), ok(8192)])["length"] == 16384  # --lengths need not be sorted
     assert fresh_longest([ok(16384), out(32768)])["length"] == 16384  # ran out only after it
     assert fresh_longest([ok(8192), out(32768), ok(16384)]) is None  # trained after a recovery: confirm it
+    assert fresh_longest([ok(16384), out(16384)]) is None  # the same length given twice, once ran out
     assert fresh_longest([out(8192)]) is None and fresh_longest([]) is None
 
 

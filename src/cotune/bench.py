@@ -141,15 +141,15 @@ def step_profiler(out: Path, first_step: int, cuda: bool):
                 self.prof = profile(activities=activities)
                 if cuda:
                     torch.cuda.synchronize()
-                self.t0 = time.perf_counter()
                 self.prof.start()
+                self.t0 = time.perf_counter()  # after start() and before stop(): both take seconds of their own
 
         def on_step_end(self, a, state, control, **kw):
             if self.prof is not None and state.global_step == first_step + PROFILE_STEPS:
                 if cuda:
                     torch.cuda.synchronize()
-                self.prof.stop()
                 wall = time.perf_counter() - self.t0
+                self.prof.stop()
                 key = "self_device_time_total" if cuda else "self_cpu_time_total"
                 table = self.prof.key_averages()
                 # what the device worked: its own events (kernels, copies), as the table's footer adds them up
@@ -410,14 +410,18 @@ def fresh_longest(tries: list[dict]) -> dict | None:
     if not passed:
         return None
     at = max(passed, key=lambda i: tries[i]["length"])
-    return {"length": tries[at]["length"], **tries[at]} if all(t["ok"] for t in tries[:at]) else None
+    longest = tries[at]["length"]
+    # and nothing as long or shorter ran out anywhere in it (a length given twice that once ran out is in doubt)
+    clean = all(t["ok"] for t in tries[:at]) and not any(not t["ok"] and t["length"] <= longest for t in tries)
+    return {"length": longest, **tries[at]} if clean else None
 
 
 def capacity(model: Path, out: Path, configs: list[str], limits: list[float], *, cap: int, start: int,
              granularity: int, rope: str, cuda: bool, steps: int = CAPACITY_STEPS,
              lengths: dict | None = None) -> list[dict]:
-    """For each stack and limit: the search in one process, then its longest length again in a fresh process (a
-    length only counts once it trains there; if it doesn't, one `granularity` shorter is tried the same way).
+    """For each stack and limit: the search in one process. Its longest length counts if nothing ran out of memory
+    before it there (`fresh_longest`); else it is trained again in a fresh process and counts only if it trains there
+    (if it doesn't, one `granularity` shorter is tried the same way).
     `lengths` (config -> "N,N"): run these lengths instead of searching."""
     out.mkdir(parents=True, exist_ok=True)
     results, failed_runs = [], []
@@ -481,7 +485,8 @@ def capacity_table(results: list[dict]) -> str:
         steps = c.get("step_seconds") or []
         base = plain.get(r["limit_gib"])
         failed = f"{r['shortest_failed']:,}" if r["shortest_failed"] else (
-            f"none of {r['given_lengths']}" if r.get("given_lengths") else f"none up to {r['cap']:,}")
+            "none of " + ", ".join(f"{int(n):,}" for n in r["given_lengths"].split(",")) if r.get("given_lengths")
+            else f"none up to {r['cap']:,}")
         lines.append(f"| {r['config']} | {r['limit_gib']:g} | {r['longest_confirmed'] or 'none'} | {failed} | "
                      f"{f(r['longest_confirmed'] / base) + 'x' if base and r['longest_confirmed'] else 'n/a'} | "
                      f"{f(statistics.median(steps[1:]) if len(steps) > 1 else None)} | "
