@@ -4,7 +4,7 @@ keeps it.
 
 Held-out loss and perplexity before/after, the probe question answered by the base model, the fine-tuned model
 and the Q8_0 GGUF side by side, format adherence on held-out questions, teacher-forced top-1 agreement of each GGUF
-with the merged model and |Δlogit| against the F16 GGUF, settings, versions and hashes. Writes
+with the merged model (and |Δlogit| against the F16 GGUF where one was written), settings, versions and hashes. Writes
 RUN_DIR/report/{report.html,report.md,report.json,loss.png}.
 """
 from cotune.cli import StageTimer, parse_settings, stage_lock, stage_parser

@@ -1,5 +1,6 @@
 """The whole chain on the embedded model and the sample data, through the real scripts, as `make demo` runs it:
-data -> baseline -> train (killed mid-way, then resumed) -> after -> export (Q8_0 + Q4_K_M) -> verify."""
+data -> baseline -> train (killed mid-way, then resumed) -> after -> export -> verify, with the F16 and Q4_K_M files
+added to the demo's Q8_0 (conftest's DEMO)."""
 import json
 import shutil
 import subprocess
