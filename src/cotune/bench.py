@@ -453,7 +453,7 @@ def capacity(model: Path, out: Path, configs: list[str], limits: list[float], *,
                 if again and again.get("longest") == candidate:
                     confirmed = {"length": candidate, **again["tries"][-1]}
                     break
-            failed = [t["length"] for t in (search or {}).get("tries", []) if not t["ok"]]
+            failed = [t["length"] for t in tries if not t["ok"]]
             results.append({"config": name, "limit_gib": limit, "description": CAPACITY_CONFIGS[name][2], "steps": steps,
                             "longest_confirmed": confirmed and confirmed["length"],
                             "shortest_failed": min(failed, default=None), "confirm": confirmed,
