@@ -38,6 +38,8 @@ CONFIGS = {
                     "host RAM"),
     "cotune-fast-24g": ("unsloth", {"preset": "fast", "gpu_memory_limit_gib": 24},
                         "PRESET=fast under GPU_MEMORY_LIMIT_GIB=24: the batch fitted to a 24 GiB card"),
+    "cotune-fast-gpu-embedding": ("unsloth", {"preset": "fast", "offload_embedding": "false"},
+                                  "PRESET=fast with the input embedding on the GPU: what keeping it in host RAM costs"),
     "cotune-fast-4x2": ("unsloth", {"preset": "fast", "batch_fit": "off"},
                         "PRESET=fast without the fit: Unsloth QLoRA, 4 x 2, input embedding in host RAM"),
     "unsloth-reference-tiled": ("unsloth", {"batch_size": 2, "grad_accum": 4, "tiled_mlp": "true"},
