@@ -127,5 +127,6 @@ def test_capacity_search_on_the_tiny_model_finds_and_confirms_a_length(tmp_path)
     assert longest and failed and longest < failed <= longest + 2 * 512  # bracketed to the granularity
     assert r["confirm"]["ok"] and len(r["confirm"]["step_seconds"]) == 3  # trained again, in a fresh process
     assert any(not t["ok"] and "allocate" in t["error"] for t in r["search"])
+    assert all(0.1 < t["peak_host_rss_gib"] < 24 for t in r["search"])  # the process's own RAM, as read from Linux
     table = (tmp_path / "bench" / "capacity.md").read_text()
     assert table.startswith("Device: CPU.") and f"| plain-long | 1.5 | {longest} | {failed:,} |" in table

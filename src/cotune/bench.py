@@ -10,6 +10,7 @@ import math
 import os
 import platform
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -374,7 +375,10 @@ def capacity_worker(args) -> None:
             "length": length, "ok": ok, "error": error,
             "step_seconds": [s["seconds"] for s in steps],
             "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if args.cuda else None,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if args.cuda else None})
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if args.cuda else None,
+            # offloaded checkpoints live in host RAM, which can bound a long row before the card does; the process's
+            # peak so far (Linux reports KiB), not this length's alone
+            "peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
         print(f"{args.capacity_worker} under {args.limit_gib:g} GiB: {length:,} tokens "
               f"{'trained' if ok else 'ran out of memory'}", flush=True)
         if trainer is not None:
