@@ -78,8 +78,14 @@ def run_ask_stage(settings: Settings, which: str) -> dict:
     max_new = settings.max_new_tokens_before if which == "baseline" else settings.max_new_tokens_after
     questions = questions_to_ask(settings)
     prompts = [template.prompt(question) for _, question in questions]
-    answers = generate_answers(model, tokenizer, prompts, max_new, backend.device,
-                               batch_size=len(prompts) if backend.stack.asks_in_one_batch else 1)
+    batch_size = len(prompts) if backend.stack.asks_in_one_batch else 1
+    products = None
+    if backend.device == "cpu":
+        from .cpu import faster_decoding_products
+
+        products = faster_decoding_products(model, batch_size)
+        print(products, flush=True)
+    answers = generate_answers(model, tokenizer, prompts, max_new, backend.device, batch_size=batch_size)
     for (kind, question), prompt, result in zip(questions, prompts, answers):
         result.update({"kind": kind, "question": question, "prompt": prompt,
                        "closed_reasoning": template.reasoning_close in result["answer"]})
@@ -87,7 +93,8 @@ def run_ask_stage(settings: Settings, which: str) -> dict:
         "model": "base" if which == "baseline" else "base + LoRA adapter",
         "backend": backend.name, "device": backend.device, "dtype": backend.dtype,
         "load_in_4bit": backend.load_in_4bit,
-        "decoding": {"do_sample": False, "max_new_tokens": max_new, "eos_token_id": tokenizer.eos_token_id},
+        "decoding": {"do_sample": False, "max_new_tokens": max_new, "eos_token_id": tokenizer.eos_token_id,
+                     **({"cpu_products": products} if products else {})},
         "answers": answers,
     }
     out = settings.stage_dir(which)

@@ -23,6 +23,10 @@ def load_hf_model(model_path: Path, backend: Backend, device_index: int = 0, rop
 
     from ..models import model_config
 
+    if backend.device == "cpu":
+        from ..cpu import gqa_attention_without_copies
+
+        gqa_attention_without_copies()
     config = model_config(model_path, rope)
     return AutoModelForCausalLM.from_pretrained(
         model_path, dtype=backend.torch_dtype(), use_safetensors=True, trust_remote_code=False,

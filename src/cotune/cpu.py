@@ -1,0 +1,95 @@
+"""Two speed-ups for the plain stack on the CPU, each the same computation, measured in docs/benchmarks.md
+(`scripts/bench_cpu.py` prints the figures):
+
+- Grouped-query attention without copies. transformers copies every key and value head out to the query heads
+  (`repeat_kv`) before PyTorch's SDPA whenever an attention mask is passed, which it always is for left-padded
+  generation and padded training batches, because on CUDA SDPA's fast kernels refuse `enable_gqa` with a mask. The CPU
+  kernel takes both: the copy is pure cost there, and while decoding it grows with the cache, every layer, every step.
+- Decoding's skinny matrix products. A decoding step multiplies a few rows (one per question) by every weight
+  matrix. On some CPUs MKL runs `x @ W.T` at that shape well below memory speed, and `(W @ x.T).T`, the same products
+  summed in another order, twice as fast. Which form is faster is measured on this CPU, on the model's own largest
+  matrix, before any weight is wrapped; where the stock form wins, nothing changes.
+"""
+from __future__ import annotations
+
+import time
+import types
+
+from .errors import warn
+
+SKINNY_ROWS = 16  # decoding steps (one row per question); prefill and training products keep torch's own path
+
+
+def gqa_attention_without_copies() -> None:
+    """Let SDPA group the key/value heads itself on CPU tensors, mask or not (transformers'
+    `use_gqa_in_sdpa`, which this rebinds: private, a test pins it). CUDA keeps transformers' own rule."""
+    import transformers
+    import transformers.integrations.sdpa_attention as sdpa
+
+    decide = getattr(sdpa, "use_gqa_in_sdpa", None)
+    if decide is None:
+        warn(f"transformers {transformers.__version__} has no integrations.sdpa_attention.use_gqa_in_sdpa: on the "
+             "CPU, attention copies every key and value head per query head (the same result, a slower step)")
+        return
+    if getattr(decide, "cotune_cpu", False):
+        return
+
+    def use_gqa_in_sdpa(attention_mask, key, *args, **kwargs) -> bool:
+        return key.device.type == "cpu" or decide(attention_mask, key, *args, **kwargs)
+
+    use_gqa_in_sdpa.cotune_cpu = True
+    use_gqa_in_sdpa.cotune_original = decide
+    sdpa.use_gqa_in_sdpa = use_gqa_in_sdpa
+
+
+def _best_seconds(fn, tries: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(tries):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def transposed_product_is_faster(weight, rows: int = 3) -> tuple[bool, float, float]:
+    """(whether `(W @ x.T).T` beats `F.linear(x, W)` by 20 % or more here, seconds of each) for `rows` rows."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+    with torch.no_grad():
+        stock = _best_seconds(lambda: F.linear(x, weight))
+        transposed = _best_seconds(lambda: (weight @ x.T).T)
+    return transposed < 0.8 * stock, stock, transposed
+
+
+def _skinny_forward(self, x):
+    import torch.nn.functional as F
+
+    rows = x.numel() // x.shape[-1]
+    if rows > SKINNY_ROWS or x.dim() < 2:
+        return F.linear(x, self.weight, self.bias)
+    y = (self.weight @ x.reshape(rows, x.shape[-1]).T).T
+    if self.bias is not None:
+        y = y + self.bias
+    return y.reshape(*x.shape[:-1], self.weight.shape[0])
+
+
+def faster_decoding_products(model, rows: int) -> str:
+    """Wrap the model's linear layers so that products of at most SKINNY_ROWS rows run as `(W @ x.T).T`, where that
+    measures faster on this CPU for `rows` rows; what was measured and decided, in one line."""
+    import torch
+
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"]
+    if not linears or rows > SKINNY_ROWS:
+        return "decoding products: torch's own"
+    largest = max(linears, key=lambda m: m.weight.numel())
+    faster, stock, transposed = transposed_product_is_faster(largest.weight.detach(), rows)
+    figures = (f"{rows} x {largest.weight.shape[1]} by the {tuple(largest.weight.shape)} matrix: "
+               f"x @ W.T {stock * 1e3:.1f} ms, (W @ x.T).T {transposed * 1e3:.1f} ms")
+    if not faster:
+        return f"decoding products: torch's own ({figures})"
+    for module in linears:
+        module.forward = types.MethodType(_skinny_forward, module)
+    return f"decoding products: (W @ x.T).T in {len(linears)} linear layers ({figures})"

@@ -1,0 +1,135 @@
+"""The plain stack's CPU speed-ups (cotune.cpu) on the real embedded model: the same answers and the same training
+loss with each of them, and the decision to use the transposed products taken from a measurement on this CPU."""
+import pytest
+
+from conftest import run_script, script_env
+
+QUESTIONS = ("1990年五月初八午时生人，女，想了解事业运势", "2001年腊月十二卯时生人，男，想了解财运",
+             "今年的感情运势如何？")
+
+
+@pytest.fixture(scope="module")
+def model_and_prompts():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cotune.models import load_tokenizer, resolve_model_path
+    from cotune.prompts import load_template
+    from cotune.settings import EMBEDDED_MODEL
+
+    path = resolve_model_path(EMBEDDED_MODEL)
+    tokenizer = load_tokenizer(path)
+    tokenizer.padding_side = "left"
+    template = load_template("fortune_cot")
+    batch = tokenizer([template.prompt(q) for q in QUESTIONS], return_tensors="pt", padding=True,
+                      add_special_tokens=False)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
+    return model, tokenizer, batch
+
+
+def greedy(model, tokenizer, batch, tokens=24):
+    import torch
+
+    with torch.no_grad():
+        return model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                              pad_token_id=tokenizer.pad_token_id)
+
+
+def test_the_transposed_product_is_the_same_product_and_wider_inputs_keep_torchs_own(model_and_prompts):
+    import torch
+    import torch.nn.functional as F
+
+    from cotune.cpu import SKINNY_ROWS, _skinny_forward
+
+    model, _, _ = model_and_prompts
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert len(linears) == 211  # 7 projections x 30 layers, and the LM head
+    torch.manual_seed(0)
+    for module in (linears[0], linears[4], linears[-1]):
+        k = module.weight.shape[1]
+        for shape in ((3, 1, k), (2, k), (1, SKINNY_ROWS, k)):
+            x = torch.randn(*shape)
+            with torch.no_grad():
+                got, want = _skinny_forward(module, x), F.linear(x, module.weight, module.bias)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        wide = torch.randn(1, SKINNY_ROWS + 1, k)  # prefill and training: exactly torch's own path
+        with torch.no_grad():
+            assert torch.equal(_skinny_forward(module, wide), F.linear(wide, module.weight, module.bias))
+
+
+def test_the_products_are_wrapped_only_where_this_cpu_measured_them_faster_and_answers_do_not_change(
+        model_and_prompts):
+    import torch
+
+    from cotune.cpu import faster_decoding_products
+
+    model, tokenizer, batch = model_and_prompts
+    before = greedy(model, tokenizer, batch)
+    line = faster_decoding_products(model, rows=3)
+    wrapped = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" in m.__dict__]
+    try:
+        assert "by the (49152, 576) matrix" in line and "x @ W.T" in line, line
+        if line.startswith("decoding products: (W @ x.T).T"):
+            assert len(wrapped) == 211, line
+        else:
+            assert line.startswith("decoding products: torch's own") and not wrapped, line
+        assert torch.equal(greedy(model, tokenizer, batch), before)
+        assert faster_decoding_products(model, rows=17) == "decoding products: torch's own"
+    finally:
+        for module in wrapped:
+            del module.forward
+
+
+def test_attention_groups_heads_itself_on_the_cpu_with_the_same_answers_and_loss(model_and_prompts, monkeypatch):
+    import torch
+    import transformers.integrations.sdpa_attention as sdpa
+
+    from cotune.cpu import gqa_attention_without_copies
+
+    model, tokenizer, batch = model_and_prompts
+    # transformers' own rule, also where an earlier test in this process loaded a model on the CPU; restored after
+    stock_rule = getattr(sdpa.use_gqa_in_sdpa, "cotune_original", sdpa.use_gqa_in_sdpa)
+    monkeypatch.setattr(sdpa, "use_gqa_in_sdpa", stock_rule)
+    key = torch.zeros(1, 3, 8, 64)
+    assert sdpa.use_gqa_in_sdpa(torch.ones(1, 1, 8, 8, dtype=torch.bool), key, key) is False  # transformers' rule
+
+    def loss_and_grad():
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss
+        loss.backward()
+        return loss.item(), model.model.layers[0].self_attn.k_proj.weight.grad.clone()
+
+    stock_tokens, (stock_loss, stock_grad) = greedy(model, tokenizer, batch), loss_and_grad()
+    gqa_attention_without_copies()
+    gqa_attention_without_copies()  # a second call changes nothing
+    assert sdpa.use_gqa_in_sdpa(torch.ones(1, 1, 8, 8, dtype=torch.bool), key, key) is True
+    assert torch.equal(greedy(model, tokenizer, batch), stock_tokens)
+    loss, grad = loss_and_grad()
+    model.zero_grad(set_to_none=True)
+    assert abs(loss - stock_loss) < 1e-6
+    torch.testing.assert_close(grad, stock_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_without_the_private_rule_attention_copies_as_before_and_says_so(monkeypatch, capsys):
+    import transformers.integrations.sdpa_attention as sdpa
+
+    from cotune.cpu import gqa_attention_without_copies
+
+    monkeypatch.delattr(sdpa, "use_gqa_in_sdpa")
+    gqa_attention_without_copies()
+    err = capsys.readouterr().err
+    assert err.startswith("WARNING: transformers ") and "use_gqa_in_sdpa" in err, err
+
+
+def test_the_cpu_speedups_benchmark_prints_each_variant_side_by_side(tmp_path):
+    import json
+
+    proc = run_script("bench", "--cpu-speedups", "--new-tokens", "4", "--steps", "1", "--run-dir", str(tmp_path),
+                      env=script_env(tmp_path), check=True)
+    result = json.loads((tmp_path / "bench" / "cpu-speedups.json").read_text())
+    assert list(result["decode"]) == ["stock", "gqa", "products", "gqa+products"]
+    assert all(r["same_tokens_as_stock"] and r["seconds"] > 0 for r in result["decode"].values()), result
+    assert list(result["train"]) == ["stock", "gqa"] and abs(result["train"]["gqa"]["loss_minus_stock"]) < 1e-5
+    assert result["train_tokens_per_step"] > 500 and result["lm_head_ms"]["x @ W.T"] > 0
+    assert "| gqa+products |" in proc.stdout and (tmp_path / "bench" / "cpu-speedups.md").read_text() in proc.stdout
