@@ -17,6 +17,10 @@ RUN_DIR/bench/capacity.json and capacity.md.
 
 `--gguf FILE` instead times prompt processing and decoding of a GGUF through llama-cpp-python (on the GPU when the
 build offloads, else on the CPU; `--cpu` forces the CPU): RUN_DIR/bench/decode-<name>.json.
+
+`--cpu-speedups` instead measures the plain stack's two CPU speed-ups (cotune.cpu), each off and on, side by side in
+one process on the embedded model: decoding the demo's three questions and LoRA training steps on two sample rows,
+with whether the tokens and losses stay the same: RUN_DIR/bench/cpu-speedups.json and .md.
 """
 import argparse
 from pathlib import Path
@@ -55,10 +59,18 @@ def main(argv=None):
     parser.add_argument("--gguf", type=Path, default=None, help="time prompt processing and decoding of this GGUF")
     parser.add_argument("--cpu", action="store_true", help="with --gguf: decode on the CPU even where a GPU offloads")
     parser.add_argument("--threads", type=int, default=None, help="with --gguf: CPU threads [all cores]")
-    parser.add_argument("--new-tokens", type=int, default=256, help="with --gguf: tokens decoded per timing [256]")
+    parser.add_argument("--new-tokens", type=int, default=None,
+                        help="with --gguf or --cpu-speedups: tokens decoded per timing [256; 128]")
+    parser.add_argument("--cpu-speedups", action="store_true",
+                        help="only the CPU speed-ups, each off and on, on the embedded model")
     args = parser.parse_args(argv)
     if args.gguf is not None:
         return decode(args)
+    if args.cpu_speedups:
+        from cotune.bench_cpu import cpu_speedups, table
+
+        print(table(cpu_speedups(args.run_dir / "bench", new_tokens=args.new_tokens or 128, steps=args.steps or 4)))
+        return
 
     import torch
 
@@ -119,7 +131,8 @@ def decode(args) -> None:
 
     from cotune.bench import decode_bench
 
-    result = decode_bench(args.gguf, gpu=not args.cpu, threads=args.threads, new_tokens=args.new_tokens)
+    result = decode_bench(args.gguf, gpu=not args.cpu, threads=args.threads,
+                          new_tokens=args.new_tokens or 256)
     out = args.run_dir / "bench"
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"decode-{args.gguf.stem}{'-gpu' if result['gpu_offload'] else '-cpu'}.json"

@@ -1,0 +1,150 @@
+"""`bench.py --cpu-speedups`: the two CPU speed-ups of `cotune.cpu`, each off and on, side by side in one process on
+the embedded model: greedy decoding of the demo's three questions (the after stage's work) and LoRA training steps
+on two sample rows in the training prompt form (the train stage's). Writes RUN_DIR/bench/cpu-speedups.json and .md."""
+from __future__ import annotations
+
+import json
+import platform
+import time
+import types
+from pathlib import Path
+
+DECODE_VARIANTS = ("stock", "gqa", "products", "gqa+products")
+TRAIN_VARIANTS = ("stock", "gqa")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+class _Switches:
+    """Turn each speed-up on and off in one process: transformers' GQA rule and the wrapped linear layers."""
+
+    def __init__(self, model):
+        import transformers.integrations.sdpa_attention as sdpa
+
+        from .cpu import gqa_attention_without_copies
+
+        self.sdpa = sdpa
+        self.stock_rule = sdpa.use_gqa_in_sdpa
+        gqa_attention_without_copies()
+        self.gqa_rule = sdpa.use_gqa_in_sdpa
+        sdpa.use_gqa_in_sdpa = self.stock_rule
+        self.model = model
+
+    def set(self, variant: str) -> None:
+        import torch
+
+        from .cpu import _skinny_forward
+
+        self.sdpa.use_gqa_in_sdpa = self.gqa_rule if "gqa" in variant else self.stock_rule
+        for module in self.model.modules():
+            if type(module) is torch.nn.Linear:
+                if "products" in variant:
+                    module.forward = types.MethodType(_skinny_forward, module)
+                else:
+                    module.__dict__.pop("forward", None)
+
+
+def cpu_speedups(out: Path, new_tokens: int = 128, steps: int = 4, repeats: int = 2) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from .cpu import transposed_product_is_faster
+    from .data import read_jsonl
+    from .models import load_tokenizer, resolve_model_path
+    from .prompts import load_template
+    from .settings import EMBEDDED_MODEL, REFERENCE_QUESTION, resolve
+
+    settings = resolve({"preset": "demo"}, environ={}, dotenv_path=Path("/nonexistent"))
+    path = resolve_model_path(EMBEDDED_MODEL)
+    tokenizer = load_tokenizer(path)
+    template = load_template(settings.template)
+    rows = read_jsonl(Path(__file__).parent / "samples" / "fortune_sample.jsonl")
+    prompts = [template.prompt(q) for q in [REFERENCE_QUESTION, rows[40]["Question"], rows[41]["Question"]]]
+    texts = [template.training_text(r["Question"], r["Complex_CoT"], r["Response"], tokenizer.eos_token)
+             for r in rows[:2]]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
+    switches = _Switches(model)
+    result = {"cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "model": EMBEDDED_MODEL, "new_tokens": new_tokens, "decode": {}, "train": {}}
+
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    head = model.get_output_embeddings().weight.detach()
+    _, stock, transposed = transposed_product_is_faster(head, len(prompts))
+    result["lm_head_ms"] = {"x @ W.T": round(stock * 1e3, 2), "(W @ x.T).T": round(transposed * 1e3, 2)}
+    outputs = {}
+    for _ in range(repeats):  # interleaved, so that a slower minute of the machine hits every variant alike
+        for variant in DECODE_VARIANTS:
+            switches.set(variant)
+            with torch.no_grad():
+                start = time.perf_counter()
+                tokens = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                        do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                seconds = time.perf_counter() - start
+            outputs[variant] = tokens
+            best = result["decode"].get(variant, {}).get("seconds", float("inf"))
+            result["decode"][variant] = {"seconds": round(min(best, seconds), 3),
+                                         "ms_per_step": round(min(best, seconds) / new_tokens * 1e3, 1)}
+    for variant in DECODE_VARIANTS:
+        result["decode"][variant]["same_tokens_as_stock"] = bool(torch.equal(outputs[variant], outputs["stock"]))
+
+    tokenizer.padding_side = "right"
+    train_batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    labels = train_batch["input_ids"].masked_fill(train_batch["attention_mask"] == 0, -100)
+    switches.set("stock")
+    lora = get_peft_model(model, LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
+                                            target_modules=list(settings.target_modules), task_type="CAUSAL_LM"))
+    lora.train()
+    result["train_tokens_per_step"] = int(train_batch["attention_mask"].sum())
+    losses = {}
+    for _ in range(repeats):
+        for variant in TRAIN_VARIANTS:
+            switches.set(variant)
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                loss = lora(**train_batch, labels=labels).loss
+                loss.backward()
+                lora.zero_grad(set_to_none=True)
+                times.append(time.perf_counter() - start)
+            losses[variant] = loss.item()
+            best = result["train"].get(variant, {}).get("median_step_s", float("inf"))
+            result["train"][variant] = {"median_step_s": round(min(best, sorted(times)[len(times) // 2]), 3)}
+    for variant in TRAIN_VARIANTS:
+        result["train"][variant]["loss_minus_stock"] = losses[variant] - losses["stock"]
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cpu-speedups.json").write_text(json.dumps(result, indent=1))
+    (out / "cpu-speedups.md").write_text(table(result))
+    return result
+
+
+def table(result: dict) -> str:
+    stock_decode = result["decode"]["stock"]["seconds"]
+    stock_train = result["train"]["stock"]["median_step_s"]
+    lines = [f"CPU speed-ups on {result['cpu']}, {result['threads']} threads, torch {result['torch']}, "
+             f"{result['model']} in fp32.", "",
+             f"Decoding: 3 questions side by side, {result['new_tokens']} greedy steps (best of the interleaved runs).",
+             "", "| variant | seconds | ms per step | vs stock | same tokens |", "|---|---|---|---|---|"]
+    for variant, r in result["decode"].items():
+        lines.append(f"| {variant} | {r['seconds']:.2f} | {r['ms_per_step']:.0f} | {stock_decode / r['seconds']:.2f}x "
+                     f"| {'yes' if r['same_tokens_as_stock'] else 'NO'} |")
+    head = result["lm_head_ms"]
+    lines += ["", f"The LM head alone, 3 rows: x @ W.T {head['x @ W.T']} ms, (W @ x.T).T {head['(W @ x.T).T']} ms.", "",
+              f"Training: forward and backward of 2 rows ({result['train_tokens_per_step']} tokens), LoRA r=16 on "
+              "every projection (median step, best of the interleaved runs).", "",
+              "| variant | median step (s) | vs stock | loss minus stock's |", "|---|---|---|---|"]
+    for variant, r in result["train"].items():
+        lines.append(f"| {variant} | {r['median_step_s']:.3f} | {stock_train / r['median_step_s']:.2f}x "
+                     f"| {r['loss_minus_stock']:.2e} |")
+    return "\n".join(lines) + "\n"
