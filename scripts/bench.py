@@ -37,7 +37,8 @@ def main(argv=None):
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer for the random model [embedded SmolLM2's]")
     parser.add_argument("--configs", default=None, help="comma-separated subset of the configurations")
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps per configuration [20; 4 smoke], or per length with --capacity [3]")
+                        help="optimizer steps per configuration [20; 4 smoke], per length with --capacity [3], or "
+                             "training steps per variant with --cpu-speedups [4]")
     parser.add_argument("--warmup", type=int, default=None, help="first steps not timed [3; 1 smoke]")
     parser.add_argument("--profile", action="store_true",
                         help="also profile 2 optimizer steps after the timed ones: bench/CONFIG-profile.txt, the "

@@ -32,7 +32,9 @@ class _Switches:
         from .cpu import gqa_attention_without_copies
 
         self.sdpa = sdpa
-        self.stock_rule = sdpa.use_gqa_in_sdpa
+        # transformers' own rule, even where this process already rebound it
+        self.stock_rule = getattr(sdpa.use_gqa_in_sdpa, "cotune_original", sdpa.use_gqa_in_sdpa)
+        sdpa.use_gqa_in_sdpa = self.stock_rule
         gqa_attention_without_copies()
         self.gqa_rule = sdpa.use_gqa_in_sdpa
         sdpa.use_gqa_in_sdpa = self.stock_rule
