@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import platform
 import time
-import types
 from pathlib import Path
 
 DECODE_VARIANTS = ("stock", "gqa", "products", "gqa+products")
@@ -29,29 +28,19 @@ class _Switches:
     def __init__(self, model):
         import transformers.integrations.sdpa_attention as sdpa
 
-        from .cpu import gqa_attention_without_copies
+        from .cpu import cpu_linears, gqa_attention_without_copies
 
-        self.sdpa = sdpa
-        # transformers' own rule, even where this process already rebound it
-        self.stock_rule = getattr(sdpa.use_gqa_in_sdpa, "cotune_original", sdpa.use_gqa_in_sdpa)
-        sdpa.use_gqa_in_sdpa = self.stock_rule
         gqa_attention_without_copies()
+        self.sdpa = sdpa
         self.gqa_rule = sdpa.use_gqa_in_sdpa
-        sdpa.use_gqa_in_sdpa = self.stock_rule
-        self.model = model
+        self.stock_rule = self.gqa_rule.cotune_original  # transformers' own, even where this process rebound it
+        self.linears = cpu_linears(model)
 
     def set(self, variant: str) -> None:
-        import torch
-
-        from .cpu import _skinny_forward
+        from .cpu import skinny_products
 
         self.sdpa.use_gqa_in_sdpa = self.gqa_rule if "gqa" in variant else self.stock_rule
-        for module in self.model.modules():
-            if type(module) is torch.nn.Linear:
-                if "products" in variant:
-                    module.forward = types.MethodType(_skinny_forward, module)
-                else:
-                    module.__dict__.pop("forward", None)
+        skinny_products(self.linears, "products" in variant)
 
 
 def cpu_speedups(out: Path, new_tokens: int = 128, steps: int = 4, repeats: int = 2) -> dict:

@@ -22,26 +22,35 @@ from .errors import warn
 SKINNY_ROWS = 16  # decoding steps (one row per question); prefill and training products keep torch's own path
 
 
+def answer_yes_on_the_cpu(module, name: str, device_of, missing: str) -> None:
+    """Rebind `module.name`, a library's private yes/no rule, so that it says yes for work on the CPU and asks the
+    library's own rule elsewhere; `device_of` picks the device from the rule's arguments. The library's rule stays on
+    the new one as `cotune_original`, and a second call changes nothing. Where the library has no such rule, this
+    prints `missing` as a WARNING and leaves everything as it is."""
+    rule = getattr(module, name, None)
+    if rule is None:
+        warn(missing)
+        return
+    if hasattr(rule, "cotune_original"):
+        return
+
+    def on_the_cpu_too(*args, **kwargs) -> bool:
+        return device_of(*args, **kwargs).type == "cpu" or rule(*args, **kwargs)
+
+    on_the_cpu_too.cotune_original = rule
+    setattr(module, name, on_the_cpu_too)
+
+
 def gqa_attention_without_copies() -> None:
     """Let SDPA group the key/value heads itself on CPU tensors, mask or not (transformers'
     `use_gqa_in_sdpa`, which this rebinds: private, a test pins it). CUDA keeps transformers' own rule."""
     import transformers
     import transformers.integrations.sdpa_attention as sdpa
 
-    decide = getattr(sdpa, "use_gqa_in_sdpa", None)
-    if decide is None:
-        warn(f"transformers {transformers.__version__} has no integrations.sdpa_attention.use_gqa_in_sdpa: on the "
-             "CPU, attention copies every key and value head per query head (the same result, a slower step)")
-        return
-    if getattr(decide, "cotune_cpu", False):
-        return
-
-    def use_gqa_in_sdpa(attention_mask, key, *args, **kwargs) -> bool:
-        return key.device.type == "cpu" or decide(attention_mask, key, *args, **kwargs)
-
-    use_gqa_in_sdpa.cotune_cpu = True
-    use_gqa_in_sdpa.cotune_original = decide
-    sdpa.use_gqa_in_sdpa = use_gqa_in_sdpa
+    answer_yes_on_the_cpu(
+        sdpa, "use_gqa_in_sdpa", lambda attention_mask, key, *args, **kwargs: key.device,
+        f"transformers {transformers.__version__} has no integrations.sdpa_attention.use_gqa_in_sdpa: on the CPU, "
+        "attention copies every key and value head per query head (the same result, a slower step)")
 
 
 def _best_seconds(fn, tries: int = 5) -> float:
@@ -78,12 +87,25 @@ def _skinny_forward(self, x):
     return y.reshape(*x.shape[:-1], self.weight.shape[0])
 
 
+def skinny_products(linears, on: bool) -> None:
+    """Run these linear layers' products of at most SKINNY_ROWS rows as `(W @ x.T).T` (on), or torch's way again."""
+    for module in linears:
+        if on:
+            module.forward = types.MethodType(_skinny_forward, module)
+        else:
+            module.__dict__.pop("forward", None)
+
+
+def cpu_linears(model) -> list:
+    import torch
+
+    return [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"]
+
+
 def faster_decoding_products(model, rows: int) -> str:
     """Wrap the model's linear layers so that products of at most SKINNY_ROWS rows run as `(W @ x.T).T`, where that
     measures faster on this CPU for `rows` rows; what was measured and decided, in one line."""
-    import torch
-
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"]
+    linears = cpu_linears(model)
     if not linears or rows > SKINNY_ROWS:
         return "decoding products: torch's own"
     largest = max(linears, key=lambda m: m.weight.numel())
@@ -92,6 +114,5 @@ def faster_decoding_products(model, rows: int) -> str:
                f"x @ W.T {stock * 1e3:.1f} ms, (W @ x.T).T {transposed * 1e3:.1f} ms")
     if not faster:
         return f"decoding products: torch's own ({figures})"
-    for module in linears:
-        module.forward = types.MethodType(_skinny_forward, module)
+    skinny_products(linears, True)
     return f"decoding products: (W @ x.T).T in {len(linears)} linear layers ({figures})"

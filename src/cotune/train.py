@@ -217,19 +217,12 @@ def score_labelled_positions_only() -> None:
     import trl
     import trl.trainer.utils as trl_utils
 
-    triton = getattr(trl_utils, "_use_triton", None)
-    if triton is None:
-        warn(f"trl {trl.__version__} has no trl.trainer.utils._use_triton: on the CPU its loss projects every "
-             "position onto the vocabulary, the prompt's too (the same loss, a slower step)")
-        return
-    if getattr(triton, "cotune_compact", False):
-        return
+    from .cpu import answer_yes_on_the_cpu
 
-    def compact(device) -> bool:
-        return device.type == "cpu" or triton(device)
-
-    compact.cotune_compact = True
-    trl_utils._use_triton = compact
+    answer_yes_on_the_cpu(
+        trl_utils, "_use_triton", lambda device: device,
+        f"trl {trl.__version__} has no trl.trainer.utils._use_triton: on the CPU its loss projects every position "
+        "onto the vocabulary, the prompt's too (the same loss, a slower step)")
 
 
 def sampling_strategy(split: str) -> str:
