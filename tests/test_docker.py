@@ -255,10 +255,11 @@ def test_no_secret_in_the_image_or_the_run(demo_in_docker):
 
 def test_training_on_two_processes_runs_in_one_container(demo_in_docker):
     """`make train NPROC_PER_NODE=2 RUN_IN=docker`: torchrun inside the one training container (shared memory through
-    --ipc=host), two gloo processes, one set of outputs written by rank 0."""
+    --ipc=host), two gloo processes, one set of outputs written by rank 0. GRAD_ACCUM=2: the demo's one sequence per
+    step becomes two, one for each process."""
     run_dir = demo_in_docker["project"] / "artifacts" / "two"
     proc = run(*demo_in_docker["make"], "train", "PRESET=demo", "RUN_DIR=artifacts/two", "NPROC_PER_NODE=2",
-               "MAX_STEPS=2", "WARMUP_STEPS=1", "SAVE_STEPS=2", env=demo_in_docker["env"], timeout=1200)
+               "GRAD_ACCUM=2", "MAX_STEPS=2", "WARMUP_STEPS=1", "SAVE_STEPS=2", env=demo_in_docker["env"], timeout=1200)
     log = proc.stdout + proc.stderr
     assert "--label cotune.stage=train " in log and "--ipc=host" in log, log[-3000:]
     summary = json.loads((run_dir / "train" / "run.json").read_text())["summary"]

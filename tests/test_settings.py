@@ -33,7 +33,7 @@ def test_precedence_defaults_preset_dotenv_environment_cli(tmp_path):
     assert s.max_steps == 30  # .env over preset
     assert s.lora_r == 4  # environment over .env
     assert s.learning_rate == 3e-4  # command line over all
-    assert s.batch_size == 2  # untouched default
+    assert s.weight_decay == 0.01 and "weight_decay" not in PRESETS["demo"]  # untouched default
 
 
 def test_preset_is_a_layer_not_an_edit():
