@@ -99,6 +99,9 @@ def test_a_step_is_split_without_changing_its_sequences(batch, accum, world, exp
      ("NPROC_PER_NODE='0': must be a number > 0 or auto", "NODE_RANK=2: must be below NNODES=1",
       "MASTER_PORT=0: must be a port, 1-65535")),
     (("--nproc-per-node", "two"), ("NPROC_PER_NODE='two': must be a number > 0 or auto",)),
+    (("--preset", "demo", "--nproc-per-node", "2"),  # the demo trains one row a step
+     ("BATCH_SIZE=1 x GRAD_ACCUM=1 = 1 sequence per optimizer step can't be split evenly over 2 processes",
+      "nearest sequences per step that can: 2 (BATCH_SIZE=1 GRAD_ACCUM=2); or keep 1 on 1 process")),
 ])
 def test_impossible_process_settings_are_refused_before_any_work(tmp_path, args, fragments):
     proc = run_script("train", "--run-dir", str(tmp_path / "run"), *args, env=script_env(tmp_path), timeout=120)
