@@ -1,6 +1,6 @@
 """`bench.py --cpu-speedups`: the two CPU speed-ups of `cotune.cpu`, each off and on, side by side in one process on
 the embedded model: greedy decoding of the demo's three questions (the after stage's work) and LoRA training steps
-on two sample rows in the training prompt form (the train stage's). Writes RUN_DIR/bench/cpu-speedups.json and .md."""
+on two sample rows in the training prompt form. Writes RUN_DIR/bench/cpu-speedups.json and .md."""
 from __future__ import annotations
 
 import json

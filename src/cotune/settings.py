@@ -452,7 +452,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dataset_split": "train[0:40]",
         "eval_split": "train[40:48]",
         # one row a step: the held-out loss follows the number of updates more than the rows seen, so 24 steps of one
-        # row at twice the rate end lower than 24 of two rows did, in half the training time (fp32, seeds 3407, 1, 2:
+        # row at twice the rate end lower than 24 of two rows did, on half the training tokens (fp32, seeds 3407, 1, 2:
         # 0.552, 0.628, 0.548 against 0.641, 0.638, 0.612; docs/benchmarks.md)
         "batch_size": 1,
         "grad_accum": 1,
