@@ -69,6 +69,17 @@ def copy_data(source: Path, target: Path) -> Path:
     return target
 
 
+def stopped_at_checkpoint_2(source: Path, target: Path) -> Path:
+    """`source`'s run as a kill after its step-2 checkpoint leaves it: data, that checkpoint and metrics so far (the
+    later lines too, which training drops when it resumes)."""
+    run = copy_data(source, target)
+    (run / "train" / "checkpoints").mkdir(parents=True)
+    for name in ("checkpoints/checkpoint-2", "checkpoints/fingerprint.json", "metrics.jsonl"):
+        origin = source / "train" / name
+        (shutil.copytree if origin.is_dir() else shutil.copy)(origin, run / "train" / name)
+    return run
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -194,11 +205,7 @@ def test_only_rank_0_writes(ddp_runs):
 @pytest.mark.slow
 def test_checkpoints_resume_under_as_many_processes_and_refuse_another_number(ddp_runs, tmp_path):
     """A run stopped after its step-2 checkpoint (as a kill leaves it: checkpoint and metrics so far)."""
-    run = copy_data(ddp_runs["two"], tmp_path / "run")
-    (run / "train" / "checkpoints").mkdir(parents=True)
-    for name in ("checkpoints/checkpoint-2", "checkpoints/fingerprint.json", "metrics.jsonl"):
-        source = ddp_runs["two"] / "train" / name
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, run / "train" / name)
+    run = stopped_at_checkpoint_2(ddp_runs["two"], tmp_path / "run")
     refused = run_script("train", *SHORT, "--run-dir", str(run), env=ddp_runs["env"], timeout=300)
     assert_user_error(refused, "checkpoint-2 was saved by 2 training process(es) and this run has 1",
                       "resume with 2 (NPROC_PER_NODE x NNODES), or set ALLOW_WORLD_SIZE_CHANGE=true")
@@ -238,11 +245,7 @@ def test_continued_on_two_processes_the_adapter_is_what_one_process_trains(ddp_r
     from safetensors.numpy import load_file
 
     one = ddp_runs["one"]
-    run = copy_data(one, tmp_path / "run")
-    (run / "train" / "checkpoints").mkdir(parents=True)
-    for name in ("checkpoints/checkpoint-2", "checkpoints/fingerprint.json", "metrics.jsonl"):
-        source = one / "train" / name
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, run / "train" / name)
+    run = stopped_at_checkpoint_2(one, tmp_path / "run")
     env = ddp_runs["env"]
     refused = run_script("train", *SHORT, "--run-dir", str(run), "--nproc-per-node", "2", env=env, timeout=300)
     assert_user_error(refused, "checkpoint-2 was saved by 1 training process(es) and this run has 2")
