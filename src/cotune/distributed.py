@@ -46,10 +46,10 @@ def uneven_split_message(batch: int, accum: int, world: int, processes: str) -> 
         micro = max(d for d in range(1, min(batch, target) + 1) if target % d == 0)
         options.append(f"{target} (BATCH_SIZE={micro} GRAD_ACCUM={target // micro})")
     counts = [str(n) for n in range(1, total + 1) if total % n == 0]
-    keep = "1 process" if counts == ["1"] else f"{', '.join(counts)} processes"
-    return (f"BATCH_SIZE={batch} x GRAD_ACCUM={accum} = {total} sequence{'s' if total > 1 else ''} per optimizer step "
-            f"can't be split evenly over {world} processes ({processes}); nearest sequences per step that can: "
-            f"{' or '.join(options)}; or keep {total} on {keep}")
+    plural = "s" if total > 1 else ""
+    return (f"BATCH_SIZE={batch} x GRAD_ACCUM={accum} = {total} sequence{plural} per optimizer step can't be split "
+            f"evenly over {world} processes ({processes}); nearest sequences per step that can: "
+            f"{' or '.join(options)}; or keep {total} on {', '.join(counts)} process{'es' if plural else ''}")
 
 
 @dataclass(frozen=True)
