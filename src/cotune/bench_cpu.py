@@ -8,7 +8,9 @@ import platform
 import time
 from pathlib import Path
 
-DECODE_VARIANTS = ("stock", "gqa", "products", "gqa+products")
+# "gqa+products-strided": both as first shipped, the transposed products returning a transposed view (kept to show
+# what the contiguous result is worth: a strided query sends SDPA to its math fallback, which copies the grouped heads)
+DECODE_VARIANTS = ("stock", "gqa", "gqa+products-strided", "products", "gqa+products")
 TRAIN_VARIANTS = ("stock", "gqa")
 
 
@@ -37,10 +39,27 @@ class _Switches:
         self.linears = cpu_linears(model)
 
     def set(self, variant: str) -> None:
+        import types
+
         from .cpu import skinny_products
 
         self.sdpa.use_gqa_in_sdpa = self.gqa_rule if "gqa" in variant else self.stock_rule
         skinny_products(self.linears, "products" in variant)
+        if variant.endswith("-strided"):
+            for module in self.linears:
+                module.forward = types.MethodType(_strided_skinny_forward, module)
+
+
+def _strided_skinny_forward(self, x):
+    """`cotune.cpu`'s transposed product as it was first shipped: the result left as a transposed view."""
+    from .cpu import SKINNY_ROWS
+
+    rows = x.numel() // x.shape[-1]
+    if rows > SKINNY_ROWS or x.dim() < 2 or self.bias is not None:
+        import torch.nn.functional as F
+
+        return F.linear(x, self.weight, self.bias)
+    return (self.weight @ x.reshape(rows, x.shape[-1]).T).T.reshape(*x.shape[:-1], self.weight.shape[0])
 
 
 def cpu_speedups(out: Path, new_tokens: int = 128, steps: int = 4, repeats: int = 2) -> dict:
