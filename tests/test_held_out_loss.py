@@ -1,0 +1,106 @@
+"""The held-out loss the training stage records on the CPU (the opening every row shares run once) against
+`trainer.evaluate()`'s, on the embedded model with a non-zero adapter and the demo's own held-out rows."""
+from pathlib import Path
+
+import pytest
+
+from cotune.settings import resolve
+
+def demo_settings(run_dir: Path, **values):
+    return resolve({"preset": "demo", "run_dir": str(run_dir), **{k: str(v) for k, v in values.items()}},
+                   environ={}, dotenv_path=Path("/nonexistent"))
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    """The demo's data stage in a fresh run folder, and the embedded model with LoRA whose B matrices are drawn at
+    random (a fresh adapter is zero there, and would test nothing the base model doesn't)."""
+    import torch
+
+    from cotune.backends import choose_backend, load_for_training
+    from cotune.data import read_jsonl, run_data_stage
+    from cotune.models import base_model_path
+
+    run = tmp_path_factory.mktemp("held-out")
+    s = demo_settings(run)
+    run_data_stage(s)
+    backend = choose_backend(s, quiet=True)
+    backend.stack.patch()
+    model, tokenizer = load_for_training(s, backend, base_model_path(s))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+    rows = read_jsonl(s.stage_dir("data") / "eval.jsonl")[:4]
+    return s, backend, model, tokenizer, rows
+
+
+def trainer_for(held_out, tmp_path, eval_batch: int):
+    from trl import SFTTrainer
+
+    from cotune.distributed import plan
+    from cotune.train import sft_config, trainer_class, training_dataset
+
+    s, backend, model, tokenizer, rows = held_out
+    config = sft_config(s, backend, plan(s, nproc_per_node=1, nnodes=1), "random", tmp_path / "ckpt",
+                        eval_on_start=False, per_device_eval_batch_size=eval_batch)
+    return trainer_class(SFTTrainer, "random")(model=model, args=config, train_dataset=training_dataset(rows, s),
+                                                eval_dataset=training_dataset(rows, s), processing_class=tokenizer)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("eval_batch", [1, 3])
+def test_the_shared_opening_gives_the_trainers_held_out_loss(held_out, tmp_path, eval_batch):
+    """Batches of 3 over 4 rows: padded rows, and a last batch of one that the trainer weights by its size."""
+    from cotune.train import eval_rows, held_out_loss, shared_opening, shared_opening_eval_loss
+
+    trainer = trainer_for(held_out, tmp_path, eval_batch)
+    opening = shared_opening([row for batch in eval_rows(trainer) for row in batch])
+    assert opening > 200  # the template's instructions, before the question: about half of each demo row
+    expected = trainer.evaluate()["eval_loss"]
+    trainer.model.train()
+    loss = shared_opening_eval_loss(trainer)
+    assert trainer.model.training  # left in the mode it was found in, as training goes on after it
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert held_out_loss(trainer, "cpu", distributed=False) == loss
+
+
+@pytest.mark.slow
+def test_rows_that_share_nothing_are_evaluated_whole(held_out, tmp_path):
+    """A first row that differs from the others from its first token: no opening is kept, the figure still holds."""
+    from cotune.train import eval_rows, shared_opening, shared_opening_eval_loss
+
+    s, backend, model, tokenizer, rows = held_out
+    odd = dict(rows[0])
+    odd["prompt"] = "Q: " + odd["prompt"]
+    odd["text"] = "Q: " + odd["text"]
+    trainer = trainer_for((s, backend, model, tokenizer, [odd, *rows[1:2]]), tmp_path, 1)
+    assert shared_opening([row for batch in eval_rows(trainer) for row in batch]) == 0
+    assert shared_opening_eval_loss(trainer) == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_rows_that_share_their_whole_prompt_keep_the_first_answer_token(held_out, tmp_path):
+    """Two rows asking the same question with different answers: the shared opening runs into the answer, and must
+    stop where the logits that score the answer's first token are computed."""
+    from cotune.train import eval_rows, shared_opening, shared_opening_eval_loss
+
+    s, backend, model, tokenizer, rows = held_out
+    twin = dict(rows[0])
+    twin["text"] = rows[0]["prompt"] + rows[1]["text"][len(rows[1]["prompt"]):]
+    trainer = trainer_for((s, backend, model, tokenizer, [rows[0], twin]), tmp_path, 1)
+    batches = eval_rows(trainer)
+    first_labelled = int((batches[0][0][1] != -100).nonzero()[0])
+    assert shared_opening([row for batch in batches for row in batch]) == first_labelled - 1
+    assert shared_opening_eval_loss(trainer) == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-5)
+
+
+def test_only_models_whose_every_layer_sees_every_position_keep_an_opening():
+    from transformers import LlamaConfig, MistralConfig, Qwen3Config
+
+    from cotune.train import full_attention_only
+
+    assert full_attention_only(LlamaConfig()) and full_attention_only(Qwen3Config())
+    assert not full_attention_only(MistralConfig(sliding_window=4096))
+    assert not full_attention_only(Qwen3Config(use_sliding_window=True, sliding_window=4096, max_window_layers=2))
