@@ -99,7 +99,7 @@ def test_rows_that_share_their_whole_prompt_keep_the_first_answer_token(held_out
 def test_only_models_whose_every_layer_sees_every_position_keep_an_opening():
     from transformers import LlamaConfig, MistralConfig, Qwen3Config
 
-    from cotune.train import full_attention_only
+    from cotune.models import full_attention_only
 
     assert full_attention_only(LlamaConfig()) and full_attention_only(Qwen3Config())
     assert not full_attention_only(MistralConfig(sliding_window=4096))

@@ -193,6 +193,40 @@ def test_report_figures_are_real_and_in_range(demo_run):
     assert "| base | fine-tuned | GGUF Q8_0 |" in md and r["probe"][0]["question"] in md
 
 
+def test_fidelity_logits_with_the_shared_opening_run_once_are_each_texts_own(demo_run):
+    """The report runs the opening the held-out texts share once, for the merged model and for the GGUF: every
+    position's logits must be what each text gives run whole."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cotune.evaluation import common_opening, gguf_logits, merged_logits
+    from cotune.verify import load_gguf
+
+    run = demo_run["run"]
+    merged, gguf = run / "export" / "merged", next((run / "export").glob("*-Q8_0.gguf"))
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    texts = [json.loads(line)["text"] for line in (run / "data" / "eval.jsonl").read_text().splitlines()[:2]]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert common_opening(ids) > 200
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    with torch.no_grad():
+        whole = [model(torch.tensor([i])).logits[0].numpy() for i in ids]
+    for got, want in zip(merged_logits(merged, ids), whole):
+        assert got.shape == want.shape and np.abs(got - want).max() < 1e-3
+    llm, _ = load_gguf(gguf, n_ctx=max(map(len, ids)) + 8, gpu=False, logits_all=True)
+    try:
+        whole = []
+        for i in ids:
+            llm.reset()
+            llm.eval(i)
+            whole.append(np.array(llm.scores[: len(i)], dtype=np.float32))
+    finally:
+        llm.close()
+    for got, want in zip(gguf_logits(gguf, ids), whole):
+        assert got.shape == want.shape and np.abs(got - want).max() < 1e-3
+
+
 def test_both_formats_render_one_context_and_the_page_escapes_what_it_shows(demo_run):
     """report.md and report.html come from one context: every verify check and GGUF in both; a model's answer is
     text on the page, never markup."""

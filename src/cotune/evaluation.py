@@ -46,32 +46,61 @@ def verify_reply(verify: dict, max_tokens: int) -> dict[str, dict]:
                                "completion_tokens": verify["completion_tokens"], "source": "verify"}}
 
 
-def merged_logits(merged: Path, ids: list[list[int]]) -> list:
-    """The merged model's logits at every position of each text, in fp32 on the CPU, after checking it fits."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def common_opening(ids: list[list[int]]) -> int:
+    """How many leading tokens every text shares, short of each text's last token."""
+    opening = min(len(i) for i in ids) - 1
+    for other in ids[1:]:
+        k = 0
+        while k < opening and other[k] == ids[0][k]:
+            k += 1
+        opening = k
+    return max(opening, 0)
 
-    from .models import preflight_memory
+
+def merged_logits(merged: Path, ids: list[list[int]]) -> list:
+    """The merged model's logits at every position of each text, in fp32 on the CPU, after checking it fits. The
+    opening the texts share (the template's instructions) runs once: its logits are every text's first rows, its
+    keys and values where each text goes on from."""
+    import copy
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from .models import full_attention_only, preflight_memory
 
     preflight_memory(merged, FP32_BYTES, "the report's fidelity check (the merged model in fp32)",
                      remedy="run `make report` on a machine with more RAM, where the run folder's export is")
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, use_safetensors=True).eval()
+    opening = common_opening(ids) if full_attention_only(model.config) else 0
+    logits = []
     with torch.no_grad():
-        logits = [model(torch.tensor([i])).logits[0].float().numpy() for i in ids]
+        kept = DynamicCache()
+        first = model(torch.tensor([ids[0][:opening]]), past_key_values=kept, use_cache=True).logits[0].float().numpy() \
+            if opening else None
+        for i in ids:
+            rest = model(torch.tensor([i[opening:]]), past_key_values=copy.deepcopy(kept),
+                         use_cache=True).logits[0].float().numpy()
+            logits.append(rest if first is None else np.concatenate([first, rest]))
     del model
     return logits
 
 
 def gguf_logits(gguf: Path, ids: list[list[int]]) -> list:
-    """A GGUF's logits at every position of each text, on the CPU, loaded through verify's loader."""
+    """A GGUF's logits at every position of each text, on the CPU, loaded through verify's loader. The shared opening
+    is evaluated once: each text goes on from its end (llama.cpp drops the cache beyond the position it is told)."""
     import numpy as np
 
+    opening = common_opening(ids)
     llm, _ = load_gguf(gguf, n_ctx=max(len(i) for i in ids) + 8, gpu=False, logits_all=True)
     rows = []
     try:
+        llm.reset()
+        if opening:
+            llm.eval(ids[0][:opening])
         for i in ids:
-            llm.reset()
-            llm.eval(i)
+            llm.n_tokens = opening
+            llm.eval(i[opening:])
             rows.append(np.array(llm.scores[: len(i)], dtype=np.float32))
     finally:
         llm.close()

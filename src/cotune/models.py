@@ -172,6 +172,14 @@ def model_config(model_path: Path, spec: str):
     return config
 
 
+def full_attention_only(config) -> bool:
+    """Every layer attends to every earlier position: keys and values kept from a shared opening then stand for it
+    exactly (a sliding window or a recurrent layer keeps other state)."""
+    text = config.get_text_config()
+    return not getattr(text, "sliding_window", None) and \
+        all(kind == "full_attention" for kind in getattr(text, "layer_types", None) or ["full_attention"])
+
+
 def load_tokenizer(model_path: Path):
     from transformers import AutoTokenizer
 

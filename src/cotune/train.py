@@ -232,17 +232,11 @@ def held_out_loss(trainer, device: str, distributed: bool) -> float:
     """The held-out loss as `trainer.evaluate()` reports it. On the CPU, on one process, the same figure is computed
     with the opening that every held-out row shares (the template's instructions: about half of each demo row)
     run once instead of once per row: see `shared_opening_eval_loss`."""
+    from .models import full_attention_only
+
     if device != "cpu" or distributed or not full_attention_only(trainer.model.config):
         return trainer.evaluate()["eval_loss"]
     return shared_opening_eval_loss(trainer)
-
-
-def full_attention_only(config) -> bool:
-    """Every layer attends to every earlier position: kept keys and values then stand for the opening exactly (a
-    sliding window or a recurrent layer keeps other state)."""
-    text = config.get_text_config()
-    return not getattr(text, "sliding_window", None) and \
-        all(kind == "full_attention" for kind in getattr(text, "layer_types", None) or ["full_attention"])
 
 
 def eval_rows(trainer) -> list[list[tuple]]:
