@@ -20,7 +20,8 @@ build offloads, else on the CPU; `--cpu` forces the CPU): RUN_DIR/bench/decode-<
 
 `--cpu-speedups` instead measures the plain stack's two CPU speed-ups (cotune.cpu), each off and on, side by side in
 one process on the embedded model: decoding the demo's three questions and LoRA training steps on two sample rows,
-with whether the tokens and losses stay the same: RUN_DIR/bench/cpu-speedups.json and .md.
+with whether the tokens and losses stay the same; then the held-out loss as the training stage takes it on the CPU,
+trl's evaluate() against the opening every row shares run once: RUN_DIR/bench/cpu-speedups.json and .md.
 """
 import argparse
 from pathlib import Path
@@ -64,13 +65,16 @@ def main(argv=None):
                         help="with --gguf or --cpu-speedups: tokens decoded per timing [256; 128]")
     parser.add_argument("--cpu-speedups", action="store_true",
                         help="only the CPU speed-ups, each off and on, on the embedded model")
+    parser.add_argument("--eval-rows", type=int, default=8,
+                        help="with --cpu-speedups: held-out rows the two held-out loss computations take [8, the demo's]")
     args = parser.parse_args(argv)
     if args.gguf is not None:
         return decode(args)
     if args.cpu_speedups:
         from cotune.bench_cpu import cpu_speedups, table
 
-        print(table(cpu_speedups(args.run_dir / "bench", new_tokens=args.new_tokens or 128, steps=args.steps or 4)))
+        print(table(cpu_speedups(args.run_dir / "bench", new_tokens=args.new_tokens or 128, steps=args.steps or 4,
+                                 eval_rows=args.eval_rows)))
         return
 
     import torch

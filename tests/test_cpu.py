@@ -162,11 +162,17 @@ def test_without_the_private_rule_attention_copies_as_before_and_says_so(monkeyp
 def test_the_cpu_speedups_benchmark_prints_each_variant_side_by_side(tmp_path):
     import json
 
-    proc = run_script("bench", "--cpu-speedups", "--new-tokens", "4", "--steps", "1", "--run-dir", str(tmp_path),
-                      env=script_env(tmp_path), check=True)
+    proc = run_script("bench", "--cpu-speedups", "--new-tokens", "4", "--steps", "1", "--eval-rows", "2",
+                      "--run-dir", str(tmp_path), env=script_env(tmp_path), check=True)
     result = json.loads((tmp_path / "bench" / "cpu-speedups.json").read_text())
     assert list(result["decode"]) == ["stock", "gqa", "gqa+products-strided", "products", "gqa+products"]
     assert all(r["same_tokens_as_stock"] and r["seconds"] > 0 for r in result["decode"].values()), result
     assert list(result["train"]) == ["stock", "gqa"] and abs(result["train"]["gqa"]["loss_minus_stock"]) < 1e-5
     assert result["train_tokens_per_step"] > 500 and result["lm_head_ms"]["x @ W.T"] > 0
-    assert "| gqa+products |" in proc.stdout and (tmp_path / "bench" / "cpu-speedups.md").read_text() in proc.stdout
+    held = result["held_out"]
+    assert held["rows"] == 2 and held["tokens"] > 1000 and held["opening"] > 200
+    ways = held["ways"]
+    assert list(ways) == ["trainer.evaluate()", "shared opening"] and all(w["seconds"] > 0 for w in ways.values())
+    assert ways["shared opening"]["loss"] == pytest.approx(ways["trainer.evaluate()"]["loss"], rel=1e-5)
+    assert "| gqa+products |" in proc.stdout and "| shared opening |" in proc.stdout
+    assert (tmp_path / "bench" / "cpu-speedups.md").read_text() in proc.stdout
