@@ -225,18 +225,23 @@ def score_labelled_positions_only() -> None:
         "onto the vocabulary, the prompt's too (the same loss, a slower step)")
 
 
-EVAL_CHUNK = 512  # positions per forward after the shared opening: their logits are the memory this evaluation holds
+EVAL_CHUNK = 512  # positions per forward: their logits are the memory the shared-opening evaluation holds
 
 
 def held_out_loss(trainer, device: str, distributed: bool) -> float:
-    """The held-out loss as `trainer.evaluate()` reports it. On the CPU, on one process, the same figure is computed
-    with the opening that every held-out row shares (the template's instructions: about half of each demo row)
-    run once instead of once per row: see `shared_opening_eval_loss`."""
+    """The held-out loss as `trainer.evaluate()` reports it. On the CPU, on one process, in fp32, the same figure is
+    computed with the opening that every held-out row shares (the template's instructions: about half of each demo
+    row) run once instead of once per row (`shared_opening_eval_loss`), and logged as evaluate() logs it. GPU runs,
+    runs on several processes, runs under bf16 or fp16 autocast, and models with sliding-window or recurrent layers
+    keep `trainer.evaluate()`."""
     from .models import full_attention_only
 
-    if device != "cpu" or distributed or not full_attention_only(trainer.model.config):
+    args = trainer.args
+    if device != "cpu" or distributed or args.bf16 or args.fp16 or not full_attention_only(trainer.model.config):
         return trainer.evaluate()["eval_loss"]
-    return shared_opening_eval_loss(trainer)
+    loss = shared_opening_eval_loss(trainer)
+    trainer.log({"eval_loss": loss})
+    return loss
 
 
 def eval_rows(trainer) -> list[list[tuple]]:
@@ -252,25 +257,41 @@ def eval_rows(trainer) -> list[list[tuple]]:
 
 
 def shared_opening(rows: list[tuple]) -> int:
-    """How many leading tokens every row shares, stopped before the first position whose logits a label needs
-    (the logits at position t score the label at t + 1) and short of every row's last token."""
+    """The positions every row's logits share: the opening P such that tokens and labels 0..P are the same in every
+    row (the logits at positions 0..P-1 then score the same labels 1..P everywhere), short of each row's last token."""
     if not rows:
         return 0
-    first = rows[0][0]
-    opening = min(len(ids) - 1 for ids, _ in rows)
+    first_ids, first_labels = rows[0]
+    opening = min(len(ids) for ids, _ in rows) - 1
     for ids, labels in rows:
-        opening = min(opening, int((ids[:opening] == first[:opening]).long().cumprod(0).sum()))
-        labelled = (labels[1:] != -100).nonzero()
-        if len(labelled):
-            opening = min(opening, int(labelled[0]))
+        same = (ids[:opening + 1] == first_ids[:opening + 1]) & (labels[:opening + 1] == first_labels[:opening + 1])
+        opening = min(opening, int(same.long().cumprod(0).sum()) - 1)
     return max(opening, 0)
+
+
+def _score(model, cache, ids, labels, start: int, end: int) -> tuple[float, int]:
+    """Feed positions start..end-1 on top of `cache` in pieces of EVAL_CHUNK: the summed negative log-likelihood of
+    the labels they score (start+1..end, -100 skipped) and how many there were."""
+    import torch
+
+    nll, tokens = 0.0, 0
+    for a in range(start, end, EVAL_CHUNK):
+        b = min(a + EVAL_CHUNK, end)
+        logits = model(input_ids=ids[a:b].unsqueeze(0), past_key_values=cache, use_cache=True).logits[0].float()
+        targets = labels[a + 1:b + 1]
+        keep = targets != -100
+        logp = torch.log_softmax(logits[keep], dim=-1)
+        nll -= float(logp.gather(-1, targets[keep].unsqueeze(-1)).sum())
+        tokens += int(keep.sum())
+    return nll, tokens
 
 
 def shared_opening_eval_loss(trainer) -> float:
     """`trainer.evaluate()`'s eval_loss from the same batches, with the opening every row shares run once: its keys
-    and values are kept, and each row goes on from a copy of them, its rest fed in pieces of EVAL_CHUNK positions
-    through the model's own forward (so a model's logit scaling or capping applies). The loss is the trainer's: per
-    batch, the labelled tokens' mean negative log-likelihood; over the batches, their mean weighted by rows."""
+    and values are kept and its labelled tokens scored once, and each row goes on from a copy of them, fed in pieces
+    of EVAL_CHUNK positions through the model's own forward (so a model's logit scaling or capping applies). The loss
+    is the trainer's: per batch, the labelled tokens' mean negative log-likelihood; over the batches, their mean
+    weighted by rows."""
     import copy
 
     import torch
@@ -287,22 +308,13 @@ def shared_opening_eval_loss(trainer) -> float:
     try:
         with torch.no_grad():
             kept = DynamicCache()
-            if opening:
-                model(input_ids=rows[0][0][:opening].unsqueeze(0), past_key_values=kept, use_cache=True)
+            shared = _score(model, kept, *rows[0], 0, opening)
             weighted = 0.0
             for batch in batches:
-                nll, tokens = 0.0, 0
+                nll, tokens = shared[0] * len(batch), shared[1] * len(batch)
                 for ids, labels in batch:
-                    cache = copy.deepcopy(kept)  # a forward appends to the cache it is given
-                    for start in range(opening, len(ids) - 1, EVAL_CHUNK):
-                        end = min(start + EVAL_CHUNK, len(ids) - 1)
-                        logits = model(input_ids=ids[start:end].unsqueeze(0), past_key_values=cache,
-                                       use_cache=True).logits[0].float()
-                        targets = labels[start + 1:end + 1]
-                        keep = targets != -100
-                        logp = torch.log_softmax(logits[keep], dim=-1)
-                        nll -= float(logp.gather(-1, targets[keep].unsqueeze(-1)).sum())
-                        tokens += int(keep.sum())
+                    row_nll, row_tokens = _score(model, copy.deepcopy(kept), ids, labels, opening, len(ids) - 1)
+                    nll, tokens = nll + row_nll, tokens + row_tokens
                 weighted += nll / max(tokens, 1) * len(batch)
     finally:
         model.train(was_training)
