@@ -200,7 +200,7 @@ def test_fidelity_logits_with_the_shared_opening_run_once_are_each_texts_own(dem
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cotune.evaluation import common_opening, gguf_logits, merged_logits
+    from cotune.evaluation import fidelity_opening, gguf_logits, merged_logits
     from cotune.verify import load_gguf
 
     run = demo_run["run"]
@@ -208,11 +208,12 @@ def test_fidelity_logits_with_the_shared_opening_run_once_are_each_texts_own(dem
     tokenizer = AutoTokenizer.from_pretrained(merged)
     texts = [json.loads(line)["text"] for line in (run / "data" / "eval.jsonl").read_text().splitlines()[:2]]
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    assert common_opening(ids) > 200
+    opening = fidelity_opening(merged, ids)
+    assert opening > 200
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     with torch.no_grad():
         whole = [model(torch.tensor([i])).logits[0].numpy() for i in ids]
-    for got, want in zip(merged_logits(merged, ids), whole):
+    for got, want in zip(merged_logits(merged, ids, opening), whole):
         assert got.shape == want.shape and np.abs(got - want).max() < 1e-3
     llm, _ = load_gguf(gguf, n_ctx=max(map(len, ids)) + 8, gpu=False, logits_all=True)
     try:
@@ -223,7 +224,7 @@ def test_fidelity_logits_with_the_shared_opening_run_once_are_each_texts_own(dem
             whole.append(np.array(llm.scores[: len(i)], dtype=np.float32))
     finally:
         llm.close()
-    for got, want in zip(gguf_logits(gguf, ids), whole):
+    for got, want in zip(gguf_logits(gguf, ids, opening), whole):
         assert got.shape == want.shape and np.abs(got - want).max() < 1e-3
 
 

@@ -57,22 +57,32 @@ def common_opening(ids: list[list[int]]) -> int:
     return max(opening, 0)
 
 
-def merged_logits(merged: Path, ids: list[list[int]]) -> list:
+def fidelity_opening(merged: Path, ids: list[list[int]]) -> int:
+    """The tokens the texts share, run once in the fidelity check where every layer of the model (and so of the GGUF
+    converted from it) attends to every earlier position; 0 otherwise: a sliding window or a recurrent layer keeps
+    other state than the cache up to a position."""
+    from transformers import AutoConfig
+
+    from .models import full_attention_only
+
+    return common_opening(ids) if full_attention_only(AutoConfig.from_pretrained(merged)) else 0
+
+
+def merged_logits(merged: Path, ids: list[list[int]], opening: int = 0) -> list:
     """The merged model's logits at every position of each text, in fp32 on the CPU, after checking it fits. The
-    opening the texts share (the template's instructions) runs once: its logits are every text's first rows, its
-    keys and values where each text goes on from."""
+    first `opening` tokens, which every text shares (`fidelity_opening`), run once: their logits are every text's
+    first rows, their keys and values where each text goes on from."""
     import copy
 
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from .models import full_attention_only, preflight_memory
+    from .models import preflight_memory
 
     preflight_memory(merged, FP32_BYTES, "the report's fidelity check (the merged model in fp32)",
                      remedy="run `make report` on a machine with more RAM, where the run folder's export is")
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, use_safetensors=True).eval()
-    opening = common_opening(ids) if full_attention_only(model.config) else 0
     logits = []
     with torch.no_grad():
         kept = DynamicCache()
@@ -86,12 +96,12 @@ def merged_logits(merged: Path, ids: list[list[int]]) -> list:
     return logits
 
 
-def gguf_logits(gguf: Path, ids: list[list[int]]) -> list:
-    """A GGUF's logits at every position of each text, on the CPU, loaded through verify's loader. The shared opening
-    is evaluated once: each text goes on from its end (llama.cpp drops the cache beyond the position it is told)."""
+def gguf_logits(gguf: Path, ids: list[list[int]], opening: int = 0) -> list:
+    """A GGUF's logits at every position of each text, on the CPU, loaded through verify's loader. The first
+    `opening` tokens, which every text shares, are evaluated once: each text goes on from their end (`Llama.eval`
+    drops the cache beyond `n_tokens`)."""
     import numpy as np
 
-    opening = common_opening(ids)
     llm, _ = load_gguf(gguf, n_ctx=max(len(i) for i in ids) + 8, gpu=False, logits_all=True)
     rows = []
     try:
@@ -115,8 +125,9 @@ def logit_fidelity(merged: Path, ggufs: dict[str, Path], texts: list[str]) -> di
 
     tokenizer = AutoTokenizer.from_pretrained(merged)
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    hf = merged_logits(merged, ids)
-    per_gguf = {quant: gguf_logits(path, ids) for quant, path in ggufs.items()}
+    opening = fidelity_opening(merged, ids)
+    hf = merged_logits(merged, ids, opening)
+    per_gguf = {quant: gguf_logits(path, ids, opening) for quant, path in ggufs.items()}
     positions = sum(len(i) for i in ids)
     result = {"texts": len(texts), "positions": positions, "per_gguf": {}}
     for quant, rows in per_gguf.items():
