@@ -46,3 +46,20 @@ def test_a_thread_still_at_work_is_waited_for(tmp_path):
     proc = run_stage(tmp_path, "--worker")
     assert proc.returncode == 0
     assert proc.stdout.splitlines() == ["last line of the stage", "worker finished", "exit handler ran"]
+
+
+def test_what_native_code_printed_comes_out_too(tmp_path):
+    """C's stdio buffers a pipe's output too: printf'd text must not be lost by the quick exit."""
+    script = tmp_path / "native.py"
+    script.write_text(textwrap.dedent("""
+        import ctypes
+        from cotune.errors import run_main
+
+        def main(argv):
+            ctypes.CDLL(None).printf(b"from C\\n")
+
+        run_main(main)
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0 and proc.stdout == "from C\n"

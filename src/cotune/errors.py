@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import sys
 import threading
@@ -36,8 +37,15 @@ def leave(status: int) -> None:
     if any(t.is_alive() and not t.daemon and t is not threading.current_thread() for t in threading.enumerate()):
         sys.exit(status)
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader gone or a stream closed: nothing more can reach it
+            pass
+    try:
+        ctypes.CDLL(None).fflush(None)  # what native code (llama.cpp) left in C's stdio buffers
+    except (OSError, AttributeError):
+        pass
     os._exit(status)
 
 
