@@ -250,9 +250,8 @@ def eval_rows(trainer) -> list[list[tuple]]:
     batches = []
     for batch in trainer.get_eval_dataloader():
         mask = batch.get("attention_mask")
-        batches.append([(batch["input_ids"][i][mask[i].bool()] if mask is not None else batch["input_ids"][i],
-                         batch["labels"][i][mask[i].bool()] if mask is not None else batch["labels"][i])
-                        for i in range(batch["input_ids"].shape[0])])
+        keep = [mask[i].bool() if mask is not None else slice(None) for i in range(batch["input_ids"].shape[0])]
+        batches.append([(batch["input_ids"][i][k], batch["labels"][i][k]) for i, k in enumerate(keep)])
     return batches
 
 
