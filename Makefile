@@ -162,7 +162,7 @@ endif
 
 # The demo runs on the host unless RUN_IN says otherwise (RUN_IN=docker: every stage in the image).
 DEMO_RUN := artifacts/demo
-demo: ## run every stage on the embedded model and the sample data (CPU, under 4 minutes)
+demo: ## run every stage on the embedded model and the sample data (CPU, 3.5 to 5 minutes on 2 cores)
 	@mkdir -p $(DEMO_RUN)
 	@$(MAKE) all RUN_IN=$(or $(RUN_IN),host) PRESET=demo RUN_DIR=$(DEMO_RUN) 2>&1 | tee $(DEMO_RUN)/demo.log
 	@echo "--- time per stage ---"; grep -E '^\[[a-z]+\] done in' $(DEMO_RUN)/demo.log || echo "(every stage was up to date)"
