@@ -20,8 +20,10 @@ before_commit=8e43c79  # the export stage as it was: converter as a subprocess o
 if [[ ${1:-} == prepare ]]; then
   py=${PYTHON:-.venv/bin/python}
   rm -rf .gpu && mkdir -p .gpu/tokenizer
-  embedded=$(PYTHONPATH=src $py -c 'from cotune.models import embedded_hf_folder; print(embedded_hf_folder())')
+  # the last line: on a fresh machine embedded_hf_folder() first prints that it prepares the folder
+  embedded=$(PYTHONPATH=src $py -c 'from cotune.models import embedded_hf_folder; print(embedded_hf_folder())' | tail -n 1)
   for f in "$embedded"/{tokenizer,special_tokens,chat_template}*; do [[ -e $f ]] && cp "$f" .gpu/tokenizer/; done
+  [[ -f .gpu/tokenizer/tokenizer.json ]] || { echo "no tokenizer.json in $embedded: .gpu/tokenizer is empty" >&2; exit 1; }
   cp -r "$(PYTHONPATH=src $py -c 'from cotune.converter import converter_dir; print(converter_dir())')" .gpu/converter
   git show "$before_commit:src/cotune/export.py" > .gpu/export_before.py
   bash ../shared/offline-gpu/fetch_wheels.sh >/dev/null  # bitsandbytes for the NF4 merge (and the training stack)
