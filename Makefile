@@ -14,6 +14,7 @@ ENV_FILE ?= .env
 export COTUNE_ENV_FILE := $(ENV_FILE)
 DRY_RUN ?=
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 BENCH_ARGS ?=
 HF_CACHE ?= $(or $(HF_HOME),$(HOME)/.cache/huggingface)
 SETUP_STAMP := $(VENV)/.cotune-setup
@@ -41,7 +42,7 @@ endif
 # Settings given on make's command line reach the scripts through the environment; their names go along so a
 # misspelled one (MAX_STEP=10) is refused like a misspelled key in .env. The Makefile's own variables are not
 # settings.
-MAKE_OWN_VARS := VENV PYTHON RUN_IN GGUF HF_HOME ENV_FILE DRY_RUN PYTEST_ARGS BENCH_ARGS HF_CACHE DOCKER FLAVOR IMAGE \
+MAKE_OWN_VARS := VENV PYTHON RUN_IN GGUF HF_HOME ENV_FILE DRY_RUN PYTEST_ARGS TEST_WORKERS BENCH_ARGS HF_CACHE DOCKER FLAVOR IMAGE \
 	WHEELS CA_BUNDLE TORCH_INDEX DEBIAN_IMAGE CUDA_DEVEL_IMAGE CUDA_RUNTIME_IMAGE CUDA_ARCHITECTURES DOCKER_USER \
 	COTUNE_SKIP_PREFLIGHT
 export COTUNE_MAKE_VARS := $(filter-out $(MAKE_OWN_VARS),$(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))))
@@ -74,7 +75,7 @@ ENV_PATH := $(abspath $(ENV_FILE))
 DOCKER_RUN = $(DOCKER) run --rm --init --ipc=host $(if $(filter cuda,$(FLAVOR)),--gpus all) --user "$(DOCKER_USER)" \
 	-v "$(abspath $(RUN))":/work/run -v "$(HF_CACHE)":/hf-cache -v "$(CURDIR)":"$(CURDIR)":ro -w "$(CURDIR)" \
 	$(if $(wildcard $(ENV_FILE)),-v "$(ENV_PATH)":"$(ENV_PATH)":ro) -e COTUNE_ENV_FILE="$(ENV_PATH)" \
-	$(foreach n,$(filter-out RUN_DIR,$(SETTING_NAMES)) HF_HUB_OFFLINE HF_ENDPOINT HF_HUB_ETAG_TIMEOUT HF_HUB_DOWNLOAD_TIMEOUT COTUNE_MAKE_VARS COTUNE_SKIP_PREFLIGHT,-e $(n)) \
+	$(foreach n,$(filter-out RUN_DIR,$(SETTING_NAMES)) HF_HUB_OFFLINE HF_ENDPOINT HF_HUB_ETAG_TIMEOUT HF_HUB_DOWNLOAD_TIMEOUT COTUNE_MAKE_VARS COTUNE_SKIP_PREFLIGHT OMP_NUM_THREADS,-e $(n)) \
 	-e RUN_DIR=/work/run
 # Training on several machines: their processes meet over the hosts' network (MASTER_ADDR, MASTER_PORT and the
 # ports NCCL opens), which a container on Docker's bridge network can't offer, so such a train container shares the
@@ -186,8 +187,9 @@ test-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	else echo "WARNING: not installed: $$missing (installing needs root and apt); the tests that need them skip"; fi
 
+# Two workers (TEST_WORKERS=1: one process): tests that share a fixture stay on one worker (tests/conftest.py)
 test: $(SETUP_STAMP) test-deps ## the whole test suite, what CI runs (CPU; GPU tests skip with their reason)
-	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	$(PYTHON) -m pytest $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder) $(PYTEST_ARGS)
 
 test-fast: $(SETUP_STAMP) ## the unit level while you work: no training, no image (about 2 minutes)
 	$(PYTHON) -m pytest -m "not slow and not docker and not network" $(PYTEST_ARGS)

@@ -15,6 +15,33 @@ SCRIPTS = ROOT / "scripts"
 DEMO = ("--preset", "demo", "--gguf-quants", "Q8_0,F16,Q4_K_M")
 PLANTED_TOKEN = "hf_" + "PlantedTokenThatMustNeverLeak0123456789"
 
+# Under `make test` the suite runs on two workers (pytest-xdist), each on its share of the cores: torch's thread
+# pool in two processes, each as wide as the machine, would oversubscribe it. The stage scripts the tests start
+# inherit the setting. A setting of the caller's is kept.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+# The groups that take longest, first, so that the workers finish together (seconds on a 2-core machine, from
+# `--durations`); the rest follow in the order pytest collects them.
+HEAVY_GROUPS = ("demo", "test_docker", "test_ddp", "test_hub_download", "test_cpu")
+
+
+def test_group(item) -> str:
+    """One worker runs all the tests of a group, so that a fixture wider than a test is built once: the tests that
+    read the session's demo run form one group, every other test goes with its module."""
+    return "demo" if "demo_run" in item.fixturenames else item.module.__name__.rpartition(".")[2]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(test_group(item)))
+    rank = {group: i for i, group in enumerate(HEAVY_GROUPS)}
+    items.sort(key=lambda item: rank.get(test_group(item), len(rank)))  # stable: the rest keep their order
+
 
 def script_env(tmp_path: Path | None = None, **overrides: str) -> dict:
     """The environment a user's shell would give a script, minus any cotune settings of the developer's."""
