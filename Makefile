@@ -189,7 +189,7 @@ test-deps:
 
 # Two workers (TEST_WORKERS=1: one process): tests that share a fixture stay on one worker (tests/conftest.py)
 test: $(SETUP_STAMP) test-deps ## the whole test suite, what CI runs (CPU; GPU tests skip with their reason)
-	$(PYTHON) -m pytest $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder) $(PYTEST_ARGS)
+	$(PYTHON) -m pytest $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder) $(PYTEST_ARGS)
 
 test-fast: $(SETUP_STAMP) ## the unit level while you work: no training, no image (about 2 minutes)
 	$(PYTHON) -m pytest -m "not slow and not docker and not network" $(PYTEST_ARGS)

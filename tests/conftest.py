@@ -22,25 +22,42 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ.setdefault("OMP_NUM_THREADS",
                           str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
-# The groups that take longest, first, so that the workers finish together (seconds on a 2-core machine, from
-# `--durations`); the rest follow in the order pytest collects them.
-HEAVY_GROUPS = ("demo", "test_docker", "test_ddp", "test_hub_download", "test_cpu")
+# One worker runs all the tests of a group, so that a fixture wider than a test is built once: the files whose tests
+# read the session's demo run form one group, every other file is a group of its own. A new file that reads it
+# belongs in DEMO_FILES (collection says so).
+DEMO_FILES = ("test_export_fast.py", "test_pipeline.py", "test_push.py", "test_reliability.py")
+# The groups that take longest, first, so that the workers finish together (from `--durations` on a 2-core
+# machine); the rest follow in the order pytest collects them.
+HEAVY_GROUPS = ("demo", "test_docker.py", "test_ddp.py", "test_hub_download.py", "test_cpu.py")
 
 
-def test_group(item) -> str:
-    """One worker runs all the tests of a group, so that a fixture wider than a test is built once: the tests that
-    read the session's demo run form one group, every other test goes with its module."""
-    return "demo" if "demo_run" in item.fixturenames else item.module.__name__.rpartition(".")[2]
+def group_of(nodeid: str) -> str:
+    file = nodeid.split("::", 1)[0].rpartition("/")[2]
+    return "demo" if file in DEMO_FILES else file
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # optional: the hook is xdist's
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadscope` with group_of() as the scope. (`--dist loadgroup` with xdist_group marks would do the
+    same, but pytest-xdist 3.8 writes the group into a node attribute that pytest 9 no longer reads.)"""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    return GroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
     for item in items:
-        item.add_marker(pytest.mark.xdist_group(test_group(item)))
+        if "demo_run" in item.fixturenames and group_of(item.nodeid) != "demo":
+            raise pytest.UsageError(f"{item.nodeid} reads demo_run: add its file to DEMO_FILES in tests/conftest.py, "
+                                    "so that the demo run is built once per session under `make test`'s workers")
     rank = {group: i for i, group in enumerate(HEAVY_GROUPS)}
-    items.sort(key=lambda item: rank.get(test_group(item), len(rank)))  # stable: the rest keep their order
+    items.sort(key=lambda item: rank.get(group_of(item.nodeid), len(rank)))  # stable: the rest keep their order
 
 
 def script_env(tmp_path: Path | None = None, **overrides: str) -> dict:
