@@ -60,7 +60,7 @@ def main(argv=None):
     parser.add_argument("--run-dir", type=Path, default=Path("artifacts"))
     parser.add_argument("--gguf", type=Path, default=None, help="time prompt processing and decoding of this GGUF")
     parser.add_argument("--cpu", action="store_true", help="with --gguf: decode on the CPU even where a GPU offloads")
-    parser.add_argument("--threads", type=int, default=None, help="with --gguf: CPU threads [all cores]")
+    parser.add_argument("--threads", type=int, default=None, help="with --gguf: CPU threads [OMP_NUM_THREADS, else all cores]")
     parser.add_argument("--new-tokens", type=int, default=None,
                         help="with --gguf or --cpu-speedups: tokens decoded per timing [256; 128]")
     parser.add_argument("--cpu-speedups", action="store_true",

@@ -176,3 +176,20 @@ def test_the_cpu_speedups_benchmark_prints_each_variant_side_by_side(tmp_path):
     assert ways["shared opening"]["loss"] == pytest.approx(ways["trainer.evaluate()"]["loss"], rel=1e-5)
     assert "| gqa+products |" in proc.stdout and "| shared opening |" in proc.stdout
     assert (tmp_path / "bench" / "cpu-speedups.md").read_text() in proc.stdout
+
+
+@pytest.mark.parametrize("omp", ["1", "3", "", "many"])
+def test_llama_cpp_takes_its_threads_from_omp_num_threads_else_the_cores(omp):
+    """Two processes that each spin a llama.cpp thread per core slow each other down many times over; a thread
+    count given in OMP_NUM_THREADS (as torch reads it) holds for llama.cpp too."""
+    import subprocess
+    import sys
+
+    code = ("import os; from cotune.models import embedded_gguf_path; from cotune.verify import load_gguf; "
+            "llm, _ = load_gguf(embedded_gguf_path(), 64, gpu=False); "
+            "print(llm.context_params.n_threads, llm.context_params.n_threads_batch, len(os.sched_getaffinity(0)))")
+    env = script_env(OMP_NUM_THREADS=omp)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    threads, threads_batch, cores = map(int, proc.stdout.split()[-3:])
+    assert threads == threads_batch == (int(omp) if omp.isdigit() else cores)

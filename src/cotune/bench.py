@@ -804,10 +804,11 @@ def decode_bench(gguf: Path, *, gpu: bool, threads: int | None, new_tokens: int 
     that would stop early still decodes the full count."""
     import llama_cpp
 
+    from .cpu import cpu_threads
     from .verify import check_gguf_file, load_gguf
 
     check_gguf_file(gguf)
-    threads = threads or os.cpu_count()
+    threads = threads or cpu_threads()
     start = time.perf_counter()
     llm, offload = load_gguf(gguf, prompt_tokens + new_tokens + 16, gpu=gpu, threads=threads, n_batch=prompt_tokens)
     load_s = time.perf_counter() - start

@@ -16,10 +16,24 @@
 """
 from __future__ import annotations
 
+import os
 import time
 import types
 
 from .errors import warn
+
+def cpu_threads() -> int:
+    """The threads cotune's own CPU work uses (llama.cpp's, the converter's): OMP_NUM_THREADS where it is set to a
+    number, the convention torch follows too, else the cores this process may run on. Two processes that each spin
+    a thread per core of the machine, llama.cpp's way, slow each other down many times over."""
+    try:
+        wanted = int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0])
+    except ValueError:
+        wanted = 0
+    if wanted > 0:
+        return wanted
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
 
 SKINNY_ROWS = 16  # decoding steps (one row per question); prefill and training products keep torch's own path
 

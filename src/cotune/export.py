@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from . import quants
+from .cpu import cpu_threads
 from .errors import UserError, warn
 from .files import atomic_path, run_relative, sha256_any, sha256_file, write_run_record
 from .settings import Settings
@@ -36,10 +37,6 @@ def check_disk(settings: Settings, n_params: int, merge_bytes_per_weight: int) -
         raise UserError(f"{out}: {free / 2**30:.2f} GiB free, the merge and conversion need about "
                         f"{need / 2**30:.2f} GiB ({n_params / 1e6:.0f}M weights, {', '.join(written)}); free "
                         "disk or point RUN_DIR elsewhere")
-
-
-def cpu_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def merge_precision(settings: Settings, cuda: bool) -> tuple[str, bool]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from pathlib import Path
 
+from .cpu import cpu_threads
 from .errors import UserError
 from .files import quiet_native_stderr, sha256_file, write_json_atomic
 from .prompts import PromptTemplate
@@ -37,7 +37,7 @@ def load_gguf(path: Path, n_ctx: int, *, gpu: bool = True, threads: int | None =
     import llama_cpp
 
     gpu = gpu and bool(llama_cpp.llama_supports_gpu_offload())
-    threads = threads or max(1, os.cpu_count() or 1)
+    threads = threads or cpu_threads()
     try:
         with quiet_native_stderr():
             llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=-1 if gpu else 0, seed=3407,
