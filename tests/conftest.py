@@ -19,8 +19,8 @@ PLANTED_TOKEN = "hf_" + "PlantedTokenThatMustNeverLeak0123456789"
 # pool in two processes, each as wide as the machine, would oversubscribe it. The stage scripts the tests start
 # inherit the setting. A setting of the caller's is kept.
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    os.environ.setdefault("OMP_NUM_THREADS",
-                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0))
+                                                      // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 # One worker runs all the tests of a group, so that a fixture wider than a test is built once: the files whose tests
 # read the session's demo run form one group, every other file is a group of its own. A new file that reads it
@@ -38,11 +38,15 @@ def group_of(nodeid: str) -> str:
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)  # optional: the hook is xdist's
 def pytest_xdist_make_scheduler(config, log):
-    """`--dist loadscope` with group_of() as the scope. (`--dist loadgroup` with xdist_group marks would do the
-    same, but pytest-xdist 3.8 writes the group into a node attribute that pytest 9 no longer reads.)"""
-    if config.getvalue("dist") != "loadscope":
+    """Whatever `--dist` asks (`-n 2` alone means `load`), xdist's loadscope scheduling with group_of() as the
+    scope and the heavy groups first: handed out test by test, the demo run and the image would be built on every
+    worker. (xdist_group marks with `--dist loadgroup` would say the same, but pytest-xdist 3.8 writes the group into
+    a node attribute that pytest 9 no longer reads.) `--dist each` runs everything everywhere, as asked."""
+    if config.getvalue("dist") == "each":
         return None
     from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False  # the order collection gives: HEAVY_GROUPS first
 
     class GroupScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:

@@ -22,6 +22,7 @@ import types
 
 from .errors import warn
 
+
 def cpu_threads() -> int:
     """The threads cotune's own CPU work uses (llama.cpp's, the converter's): OMP_NUM_THREADS where it is set to a
     number, the convention torch follows too, else the cores this process may run on. Two processes that each spin
