@@ -19,8 +19,10 @@ PLANTED_TOKEN = "hf_" + "PlantedTokenThatMustNeverLeak0123456789"
 # pool in two processes, each as wide as the machine, would oversubscribe it. The stage scripts the tests start
 # inherit the setting. A setting of the caller's is kept.
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0))
-                                                      // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    from cotune.cpu import usable_cores
+
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, usable_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 # One worker runs all the tests of a group, so that a fixture wider than a test is built once: the files whose tests
 # read the session's demo run form one group, every other file is a group of its own. A new file that reads it

@@ -31,8 +31,11 @@ def cpu_threads() -> int:
         wanted = int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0])
     except ValueError:
         wanted = 0
-    if wanted > 0:
-        return wanted
+    return wanted if wanted > 0 else usable_cores()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU set where the system has one (a container's, a job's), else all."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
