@@ -193,3 +193,21 @@ def test_llama_cpp_takes_its_threads_from_omp_num_threads_else_the_cores(omp):
     assert proc.returncode == 0, proc.stderr[-2000:]
     threads, threads_batch, cores = map(int, proc.stdout.split()[-3:])
     assert threads == threads_batch == (int(omp) if omp.isdigit() else cores)
+
+
+def test_each_training_process_gets_its_share_of_the_cores_it_may_use_not_of_the_machine():
+    """torchrun's processes on one node split the cores among themselves through OMP_NUM_THREADS; under a CPU set (a
+    container's, a job's) that is the set's cores, not the machine's."""
+    import os
+    import subprocess
+    import sys
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs a machine with 2 or more cores, to hold a process to fewer than all of them")
+    code = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
+            "from cotune.cpu import threads_per_process; "
+            "print(threads_per_process(1), threads_per_process(2), threads_per_process(0), os.cpu_count())")
+    proc = subprocess.run([sys.executable, "-c", code], env=script_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two, none, machine = map(int, proc.stdout.split())
+    assert (one, two, none) == (1, 1, 1) and machine >= 2

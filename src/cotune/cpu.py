@@ -39,6 +39,13 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def threads_per_process(processes: int) -> int:
+    """Each of `processes` processes' share of the cores this one may use (at least one): torchrun's training
+    processes on one node get it as their OMP_NUM_THREADS. Counting the machine's cores instead would give every
+    process of a job held to a few of them as many threads as the whole machine has."""
+    return max(1, usable_cores() // max(1, processes))
+
+
 SKINNY_ROWS = 16  # decoding steps (one row per question); prefill and training products keep torch's own path
 
 

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .cpu import threads_per_process
 from .errors import UserError
 
 # Set by the launcher for the processes it starts: where they leave their user errors for it to print once.
@@ -249,8 +250,7 @@ def launch(settings, layout: Layout, script: str, script_args: list[str]) -> Non
     # torchrun's agent logs every step of the rendezvous and each failure as a table; the outcome is said here
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     logging.getLogger("torch.distributed.run").setLevel(logging.CRITICAL)
-    cpus = os.cpu_count() or 1
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpus // layout.nproc_per_node)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(layout.nproc_per_node)))
     with tempfile.TemporaryDirectory(prefix="cotune-launch-") as launch_dir:
         os.environ[LAUNCH_DIR_ENV] = launch_dir
         try:
