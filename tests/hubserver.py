@@ -149,8 +149,9 @@ class LocalHub:
                 if hub.delay_s:
                     time.sleep(hub.delay_s)
                 if hub.fail_with:
-                    self.close_connection = True
-                    self._send(hub.fail_with, {"error": "Internal Error"})
+                    # said in a header, as an HTTP server must: a client that wasn't told may send its next request
+                    # down this connection while it closes, and see a disconnect instead of the status
+                    self._send(hub.fail_with, {"error": "Internal Error"}, {"Connection": "close"})
                     return False
                 return True
 
