@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from conftest import run_script, script_env
+from conftest import ROOT, run_script, script_env
 
 QUESTIONS = ("1990年五月初八午时生人，女，想了解事业运势", "2001年腊月十二卯时生人，男，想了解财运",
              "今年的感情运势如何？")
@@ -167,7 +167,8 @@ def test_the_cpu_speedups_benchmark_prints_each_variant_side_by_side(tmp_path):
     result = json.loads((tmp_path / "bench" / "cpu-speedups.json").read_text())
     assert list(result["decode"]) == ["stock", "gqa", "gqa+products-strided", "products", "gqa+products"]
     assert all(r["same_tokens_as_stock"] and r["seconds"] > 0 for r in result["decode"].values()), result
-    assert list(result["train"]) == ["stock", "gqa"] and abs(result["train"]["gqa"]["loss_minus_stock"]) < 1e-5
+    assert list(result["train"]) == ["stock", "gqa", "gqa+lora-addmm"]
+    assert all(abs(r["loss_minus_stock"]) < 1e-5 and r["median_step_s"] > 0 for r in result["train"].values())
     assert result["train_tokens_per_step"] > 500 and result["lm_head_ms"]["x @ W.T"] > 0
     held = result["held_out"]
     assert held["rows"] == 2 and held["tokens"] > 1000 and held["opening"] > 200
@@ -211,3 +212,101 @@ def test_each_training_process_gets_its_share_of_the_cores_it_may_use_not_of_the
     assert proc.returncode == 0, proc.stderr[-2000:]
     one, two, none, machine = map(int, proc.stdout.split())
     assert (one, two, none) == (1, 1, 1) and machine >= 2
+
+
+@pytest.mark.parametrize("alpha, dropout", [(16, 0.0), (32, 0.1)])
+def test_the_lora_update_inside_the_product_trains_as_peft_does(model_and_prompts, alpha, dropout):
+    """The same loss and gradients as peft's own forward, on the real model with a non-zero adapter: with a scale
+    other than 1 and with dropout (the same masks drawn in the same order); peft's forward again when the adapter
+    is switched off."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cotune.cpu import lora_update_in_the_product
+    from cotune.models import resolve_model_path
+    from cotune.settings import EMBEDDED_MODEL
+
+    _, _, batch = model_and_prompts
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(EMBEDDED_MODEL), dtype=torch.float32,
+                                                use_safetensors=True)
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
+                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+    def loss_and_grads():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    stock_loss, stock_grads = loss_and_grads()
+    assert lora_update_in_the_product(model) == 210  # 7 projections x 30 layers
+    loss, grads = loss_and_grads()
+    assert loss == pytest.approx(stock_loss, rel=1e-6)
+    assert grads.keys() == stock_grads.keys() and len(grads) == 420
+    for name, grad in grads.items():  # to within 1e-4 of the largest entry: summed in another order, not other sums
+        want = stock_grads[name]
+        assert want.abs().max() > 0, name
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()), msg=name)
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():
+        off = model(**batch).logits
+        lora_update_in_the_product(model, on=False)
+        stock_off = model(**batch).logits
+    assert torch.equal(off, stock_off)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_the_plain_stack_trains_on_the_cpu_with_the_update_inside_the_product():
+    from cotune.backends import choose_backend, load_for_training
+    from cotune.models import resolve_model_path
+    from cotune.settings import resolve
+
+    settings = resolve({"preset": "demo"}, environ={}, dotenv_path=ROOT / "no-such.env")
+    backend = choose_backend(settings, quiet=True)
+    assert backend.device == "cpu"
+    model, _ = load_for_training(settings, backend, resolve_model_path(settings.base_model))
+    wrapped = [name for name, m in model.named_modules() if "forward" in m.__dict__]
+    assert len(wrapped) == 210 and all(name.endswith("_proj") for name in wrapped), wrapped[:3]
+
+
+def test_under_bf16_autocast_peft_computes_the_update_as_before():
+    """Under autocast (CPUs with AMX) one addmm rounds otherwise than peft's three bf16 steps: peft's forward runs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cotune.cpu import lora_update_in_the_product
+    from cotune.models import resolve_model_path
+    from cotune.settings import EMBEDDED_MODEL
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(EMBEDDED_MODEL), dtype=torch.float32,
+                                                 use_safetensors=True)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "o_proj", "down_proj"],
+                                             task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.02)
+    ids = torch.arange(100, 164).unsqueeze(0)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    stock_loss, stock_grads = loss_and_grads()
+    assert lora_update_in_the_product(model) == 90
+    loss, grads = loss_and_grads()
+    assert loss == stock_loss and all(torch.equal(g, s) for g, s in zip(grads, stock_grads))

@@ -1,4 +1,4 @@
-"""Two speed-ups for the plain stack on the CPU, each the same computation, measured in docs/benchmarks.md
+"""Three speed-ups for the plain stack on the CPU, each the same computation, measured in docs/benchmarks.md
 (`scripts/bench.py --cpu-speedups` prints the figures):
 
 - Grouped-query attention without copies. transformers copies every key and value head out to the query heads
@@ -13,6 +13,11 @@
   every query down SDPA's math fallback, which copies the grouped key/value heads (111 against 84 ms a step on the
   EPYC). Summed in another order, a product can differ in its last bits, so on a near-tie between two tokens greedy
   decoding may pick the other one; the ask stage records which form ran.
+- LoRA's update inside the base layer's product. peft adds a LoRA layer's update as `result + B(A(x)) * scaling`:
+  the update written out in full, scaled in a second pass over it and added in a third, in the forward and again in
+  the backward. `torch.addmm(result, A(x) * scaling, B.T)` scales the r-wide intermediate instead and adds the
+  update inside the product, one pass (a training step 1.2x faster on the EPYC). peft's own forward still runs
+  wherever its case is not the plain one (several or disabled adapters, DoRA, a bias on B, mixed dtypes, autocast).
 """
 from __future__ import annotations
 
@@ -44,6 +49,44 @@ def threads_per_process(processes: int) -> int:
     processes on one node get it as their OMP_NUM_THREADS. Counting the machine's cores instead would give every
     process of a job held to a few of them as many threads as the whole machine has."""
     return max(1, usable_cores() // max(1, processes))
+
+
+def _lora_update_in_the_product(self, x, *args, **kwargs):
+    """A peft LoRA Linear's forward: `base(x) + B(A(dropout(x))) * scaling` as one `addmm` for the update, in the
+    plain case (one active adapter, plain LoRA, no bias on B, one dtype, no autocast); peft's own forward otherwise."""
+    import torch
+
+    names = self.active_adapters
+    name = names[0] if len(names) == 1 else None
+    if (args or kwargs or name is None or self.disable_adapters or self.merged or name not in self.lora_A
+            or name in self.lora_variant or self.lora_B[name].bias is not None):
+        return type(self).forward(self, x, *args, **kwargs)
+    lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+    # one dtype, no autocast: under bf16 autocast (CPUs with AMX) the two forms round differently, 0.04 % of the loss
+    # apart on the embedded model, so there peft's own runs
+    if (torch.is_autocast_enabled(x.device.type)
+            or not x.dtype == lora_A.weight.dtype == lora_B.weight.dtype == self.base_layer.weight.dtype):
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    update_in = lora_A(self.lora_dropout[name](x)) * self.scaling[name]
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), update_in.reshape(-1, update_in.shape[-1]), lora_B.weight.T)
+    return out.view(result.shape)
+
+
+def lora_update_in_the_product(model, on: bool = True) -> int:
+    """Give every peft LoRA layer of `model` whose base is a plain linear layer on the CPU the one-pass update
+    (`_lora_update_in_the_product`), or peft's forward again (`on` False); how many layers that was."""
+    import torch
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    layers = [m for m in model.modules() if type(m) is LoraLinear and type(m.base_layer) is torch.nn.Linear
+              and m.base_layer.weight.device.type == "cpu"]
+    for module in layers:
+        if on:
+            module.forward = types.MethodType(_lora_update_in_the_product, module)
+        else:
+            module.__dict__.pop("forward", None)
+    return len(layers)
 
 
 SKINNY_ROWS = 16  # decoding steps (one row per question); prefill and training products keep torch's own path

@@ -65,6 +65,10 @@ class PlainStack(Stack):
             model = get_peft_model(model, config)
         except ValueError as err:
             raise UserError(f"TARGET_MODULES={','.join(settings.target_modules)}: {err}") from None
+        if backend.device == "cpu":
+            from ..cpu import lora_update_in_the_product
+
+            lora_update_in_the_product(model)
         return model, tokenizer
 
     def load_for_generation(self, settings, backend, model_path, adapter):
