@@ -16,8 +16,9 @@
 - LoRA's update inside the base layer's product. peft adds a LoRA layer's update as `result + B(A(x)) * scaling`:
   the update written out in full, scaled in a second pass over it and added in a third, in the forward and again in
   the backward. `torch.addmm(result, A(x) * scaling, B.T)` scales the r-wide intermediate instead and adds the
-  update inside the product, one pass (a training step 1.2x faster on the EPYC). peft's own forward still runs
-  wherever its case is not the plain one (several or disabled adapters, DoRA, a bias on B, mixed dtypes, autocast).
+  update inside the product, one pass (a training step 1.10x faster than with the grouped heads alone on the
+  EPYC). peft's own forward still runs wherever its case is not the plain one (several or disabled adapters, DoRA,
+  a bias on B, mixed dtypes, autocast).
 """
 from __future__ import annotations
 
