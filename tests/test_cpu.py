@@ -223,6 +223,7 @@ def test_the_lora_update_inside_the_product_trains_as_peft_does(model_and_prompt
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from cotune.bench_cpu import random_lora_b
     from cotune.cpu import lora_update_in_the_product
     from cotune.models import resolve_model_path
     from cotune.settings import EMBEDDED_MODEL
@@ -233,11 +234,7 @@ def test_the_lora_update_inside_the_product_trains_as_peft_does(model_and_prompt
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                             "up_proj", "down_proj"]))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+    random_lora_b(model)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
 
     def loss_and_grads():
@@ -285,6 +282,7 @@ def test_under_bf16_autocast_peft_computes_the_update_as_before():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from cotune.bench_cpu import random_lora_b
     from cotune.cpu import lora_update_in_the_product
     from cotune.models import resolve_model_path
     from cotune.settings import EMBEDDED_MODEL
@@ -293,10 +291,7 @@ def test_under_bf16_autocast_peft_computes_the_update_as_before():
                                                  use_safetensors=True)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "o_proj", "down_proj"],
                                              task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.02)
+    random_lora_b(model)
     ids = torch.arange(100, 164).unsqueeze(0)
 
     def loss_and_grads():

@@ -20,9 +20,8 @@ def demo_settings(run_dir: Path, **values):
 def held_out(tmp_path_factory):
     """The demo's data stage in a fresh run folder, and the embedded model with LoRA whose B matrices are drawn at
     random (a fresh adapter is zero there, and would test nothing the base model doesn't)."""
-    import torch
-
     from cotune.backends import choose_backend, load_for_training
+    from cotune.bench_cpu import random_lora_b
     from cotune.data import read_jsonl, run_data_stage
     from cotune.models import base_model_path
 
@@ -32,11 +31,7 @@ def held_out(tmp_path_factory):
     backend = choose_backend(s, quiet=True)
     backend.stack.patch()
     model, tokenizer = load_for_training(s, backend, base_model_path(s))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+    random_lora_b(model)
     rows = read_jsonl(s.stage_dir("data") / "eval.jsonl")[:4]
     return s, backend, model, tokenizer, rows
 

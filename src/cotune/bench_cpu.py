@@ -124,11 +124,7 @@ def cpu_speedups(out: Path, new_tokens: int = 128, steps: int = 4, repeats: int 
                                             target_modules=list(settings.target_modules), task_type="CAUSAL_LM"))
     lora.train()
     switches.lora = lora
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # a trained adapter's B is not zero: its update then takes part in every product
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+    random_lora_b(lora)  # a trained adapter's B is not zero: its update then takes part in every product
     result["train_tokens_per_step"] = int(train_batch["attention_mask"].sum())
     losses = {}
     for _ in range(repeats):
@@ -158,21 +154,27 @@ def cpu_speedups(out: Path, new_tokens: int = 128, steps: int = 4, repeats: int 
     return result
 
 
-def held_out_loss_timings(lora, tokenizer, settings, template, rows: list[dict], repeats: int) -> dict:
-    """The held-out loss of `rows` both ways, interleaved, through a trainer built as the training stage builds it;
-    the adapter's B matrices drawn at random first (a fresh adapter is zero there)."""
+def random_lora_b(model, seed: int = 0) -> None:
+    """Draw every LoRA B matrix of `model` at random (N(0, 0.02²), from `seed`), as a trained adapter has them: a
+    fresh adapter's B is zero, and so is its update."""
     import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+
+
+def held_out_loss_timings(lora, tokenizer, settings, template, rows: list[dict], repeats: int) -> dict:
+    """The held-out loss of `rows` both ways, interleaved, through a trainer built as the training stage builds it,
+    with `lora` as it comes (`cpu_speedups` has drawn its B matrices at random: a fresh adapter is zero there)."""
     from trl import SFTTrainer
 
     from .backends import choose_backend
     from .distributed import plan
     from .train import eval_rows, shared_opening, shared_opening_eval_loss, sft_config, trainer_class, training_dataset
 
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
     rendered = [{"prompt": template.prompt(r["Question"]),
                  "text": template.training_text(r["Question"], r["Complex_CoT"], r["Response"], tokenizer.eos_token)}
                 for r in rows]

@@ -82,12 +82,17 @@ def lora_update_in_the_product(model, on: bool = True) -> int:
 
     layers = [m for m in model.modules() if type(m) is LoraLinear and type(m.base_layer) is torch.nn.Linear
               and m.base_layer.weight.device.type == "cpu"]
-    for module in layers:
+    _bind_forward(layers, _lora_update_in_the_product, on)
+    return len(layers)
+
+
+def _bind_forward(modules, forward, on: bool) -> None:
+    """Give each module `forward` as its own (on), or drop it so that its class's forward runs again."""
+    for module in modules:
         if on:
-            module.forward = types.MethodType(_lora_update_in_the_product, module)
+            module.forward = types.MethodType(forward, module)
         else:
             module.__dict__.pop("forward", None)
-    return len(layers)
 
 
 SKINNY_ROWS = 16  # decoding steps (one row per question); prefill and training products keep torch's own path
@@ -162,11 +167,7 @@ def _skinny_forward(self, x):
 
 def skinny_products(linears, on: bool) -> None:
     """Run these linear layers' products of at most SKINNY_ROWS rows as `(W @ x.T).T` (on), or torch's way again."""
-    for module in linears:
-        if on:
-            module.forward = types.MethodType(_skinny_forward, module)
-        else:
-            module.__dict__.pop("forward", None)
+    _bind_forward(linears, _skinny_forward, on)
 
 
 def cpu_linears(model) -> list:
